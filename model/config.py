@@ -1,0 +1,152 @@
+"""ModelConfig: the DeepSeek-V3 hyper-parameters (paper 2.1, 2.2, 4.2), grouped as in the paper's table.
+
+Presets live in configs/model/*.yaml and mirror this dataclass field for field (model/presets.py loads
+them). `validate()` stops an inconsistent config with a message naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is wrong or inconsistent; the message names the field and the fix."""
+
+
+BALANCE_MODES = ("aux_free", "aux_loss", "none")
+EXPERT_GEMMS = ("auto", "grouped_mm", "loop")
+
+
+@dataclass
+class YarnConfig:
+    """YaRN RoPE extension (paper 4.3), in Hugging Face's `rope_scaling` semantics."""
+
+    factor: float = 40.0  # context extension factor s
+    original_max_seq_len: int = 4096  # pre-training context the frequencies were trained for
+    beta_fast: float = 32.0  # rotations above which a frequency is extrapolated (kept)
+    beta_slow: float = 1.0  # rotations below which a frequency is interpolated (divided by s)
+    mscale: float = 1.0  # cos/sin scale numerator: 0.1 * mscale * ln(s) + 1
+    mscale_all_dim: float = 1.0  # softmax scale multiplier (0.1 * mscale_all_dim * ln(s) + 1)^2; 0 = off
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural hyper-parameter of a DeepSeek-V3-style model."""
+
+    # trunk
+    vocab_size: int = 129280  # tokenizer vocabulary
+    dim: int = 7168  # hidden size d
+    n_layers: int = 61  # Transformer blocks of the main model
+    first_k_dense: int = 3  # the first k blocks use a dense FFN, the rest MoE
+    inter_dim: int = 18432  # intermediate size of the dense FFNs
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.006  # std of the normal init of every weight matrix and the embedding
+    max_seq_len: int = 4096  # longest sequence the RoPE tables cover
+    # mla (2.1.1)
+    n_heads: int = 128  # attention heads n_h
+    q_lora_rank: int | None = 1536  # query compression d'_c; None = direct query projection
+    kv_lora_rank: int = 512  # KV compression d_c
+    qk_nope_head_dim: int = 128  # per-head query/key dim without position d_h
+    qk_rope_head_dim: int = 64  # decoupled RoPE dim d^R_h (shared key across heads)
+    v_head_dim: int = 128  # per-head value dim
+    rope_theta: float = 10000.0  # RoPE base
+    yarn: YarnConfig | None = None  # YaRN scaling; None = plain RoPE
+    # moe (2.1.2)
+    n_routed_experts: int = 256  # routed experts N_r
+    n_shared_experts: int = 1  # shared experts N_s (one MLP of n_shared * moe_inter_dim)
+    n_activated_experts: int = 8  # routed experts per token K_r
+    n_group: int = 8  # expert groups (= nodes under node-limited routing)
+    topk_group: int = 4  # groups a token may reach (M)
+    moe_inter_dim: int = 2048  # intermediate size of every expert
+    routed_scaling_factor: float = 2.5  # gate multiplier after normalisation
+    balance: str = "aux_free"  # aux_free (bias + sequence loss) | aux_loss (classic expert loss) | none
+    seq_aux_alpha: float = 1e-4  # weight alpha of the complementary sequence-wise loss (aux_free)
+    aux_loss_alpha: float = 1e-3  # weight of the classic expert-level balance loss (aux_loss)
+    expert_gemm: str = "auto"  # routed-expert GEMM: auto | grouped_mm | loop (over experts)
+    # mtp (2.2)
+    n_mtp_depth: int = 1  # MTP depth D; 0 = no MTP modules
+    # memory savers (3.2.3)
+    recompute_norm: bool = False  # recompute every RMSNorm output in backward
+    recompute_mla_up_proj: bool = False  # recompute the MLA up-projections (and core attention) in backward
+
+    def __post_init__(self) -> None:
+        if isinstance(self.yarn, dict):
+            self.yarn = from_dict(YarnConfig, self.yarn, prefix="model.yarn")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def validate(self) -> ModelConfig:
+        """Raise ConfigError naming the field and the constraint; return self when consistent."""
+        positive = ["vocab_size", "dim", "n_layers", "inter_dim", "max_seq_len", "n_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_inter_dim", "n_routed_experts",
+                    "n_activated_experts", "n_group", "topk_group"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                _fail(name, f"must be a positive integer, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            _fail("q_lora_rank", f"must be positive or null (direct query projection), got {self.q_lora_rank}")
+        if not 0 <= self.first_k_dense <= self.n_layers:
+            _fail("first_k_dense", f"must lie in [0, n_layers={self.n_layers}], got {self.first_k_dense}")
+        if self.n_shared_experts < 0:
+            _fail("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        if self.qk_rope_head_dim % 2:
+            _fail("qk_rope_head_dim", f"RoPE rotates pairs of channels, so it must be even, got {self.qk_rope_head_dim}")
+        if self.n_routed_experts % self.n_group:
+            _fail("n_routed_experts", f"{self.n_routed_experts} is not divisible by n_group={self.n_group}; "
+                  "choose n_group among the divisors of n_routed_experts")
+        if self.topk_group > self.n_group:
+            _fail("topk_group", f"{self.topk_group} > n_group={self.n_group}; a token cannot reach more groups "
+                  "than exist")
+        per_group = self.n_routed_experts // self.n_group
+        if self.n_group > 1 and per_group < 2:
+            _fail("n_group", f"group scores sum each group's top-2 experts, so every group needs >= 2 experts "
+                  f"(n_routed_experts={self.n_routed_experts} / n_group={self.n_group} = {per_group})")
+        if self.n_activated_experts > self.topk_group * per_group:
+            _fail("n_activated_experts", f"{self.n_activated_experts} experts per token exceed the "
+                  f"{self.topk_group * per_group} held by topk_group={self.topk_group} groups of {per_group}; "
+                  "raise topk_group or lower n_activated_experts")
+        if self.balance not in BALANCE_MODES:
+            _fail("balance", f"must be one of {BALANCE_MODES}, got {self.balance!r}")
+        if self.expert_gemm not in EXPERT_GEMMS:
+            _fail("expert_gemm", f"must be one of {EXPERT_GEMMS}, got {self.expert_gemm!r}")
+        if self.n_mtp_depth < 0:
+            _fail("n_mtp_depth", f"MTP depth D must be >= 0 (0 disables MTP), got {self.n_mtp_depth}")
+        for name in ("seq_aux_alpha", "aux_loss_alpha", "init_std", "norm_eps", "routed_scaling_factor"):
+            if getattr(self, name) < 0:
+                _fail(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.yarn is not None:
+            if self.yarn.factor < 1:
+                _fail("yarn.factor", f"YaRN extends context, so the factor must be >= 1, got {self.yarn.factor}")
+            if self.yarn.original_max_seq_len <= 0:
+                _fail("yarn.original_max_seq_len", "must be positive")
+            if self.yarn.beta_fast <= self.yarn.beta_slow:
+                _fail("yarn.beta_fast", f"must exceed beta_slow ({self.yarn.beta_fast} <= {self.yarn.beta_slow})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fail(name: str, message: str) -> None:
+    raise ConfigError(f"model.{name}: {message}")
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "model") -> Any:
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**values)
+
+
+def model_config(values: dict[str, Any]) -> ModelConfig:
+    """A validated ModelConfig from a plain dict (for example a resolved Hydra node)."""
+    return from_dict(ModelConfig, dict(values)).validate()
+
+
+__all__ = ["ConfigError", "ModelConfig", "YarnConfig", "model_config", "from_dict"]

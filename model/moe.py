@@ -1,0 +1,198 @@
+"""DeepSeekMoE (paper 2.1.2): shared experts plus fine-grained routed SwiGLU experts, and load balancing.
+
+Router (fp32): affinity s = sigmoid(u . e_i); a per-expert bias b_i only chooses experts (top-K of s + b
+within the `topk_group` best groups, group score = sum of the group's two largest biased scores, other
+groups masked with -inf); the gate is the chosen affinities normalised to sum 1, times
+`routed_scaling_factor`. No token is dropped.
+
+Balancing:
+- aux-loss-free: the router counts tokens per expert while training; the trainer all-reduces the counts and
+  applies `update_bias` (b += gamma * sign(mean - load)) once per step;
+- the complementary sequence-wise loss (alpha * sum_i f_i P_i per sequence) with `balance: aux_free`, or
+  the classic batch-wise expert loss with `balance: aux_loss`; either is attached to the activations by
+  `AttachLoss` so that a pipeline stage still passes a single tensor.
+
+Routed experts run as grouped GEMMs over rows sorted by expert (`fp8.linear.GroupedLinear`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8.linear import GroupedLinear, Linear
+from model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense FFN and shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim)
+        self.w2 = Linear(inter_dim, dim)
+        self.w3 = Linear(dim, inter_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _counting() -> bool:
+    # Count only in a real training forward: grad on, and not a recomputation running inside backward
+    # (reentrant checkpointing re-runs the forward there with grad enabled).
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+
+
+class Gate(Linear):
+    """The router: u [N, dim] -> (affinities [N, E], expert ids [N, K], gate weights [N, K]), all fp32."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg.dim, cfg.n_routed_experts, dtype=torch.float32)
+        self.topk, self.n_group, self.topk_group = cfg.n_activated_experts, cfg.n_group, cfg.topk_group
+        self.route_scale = cfg.routed_scaling_factor
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # tokens routed to each expert since the trainer last read them (not checkpointed)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scores = super().forward(x.float()).sigmoid()  # (N, E)
+        idx = self.select(scores.detach())
+        weights = scores.gather(1, idx)
+        weights = weights / weights.sum(-1, keepdim=True) * self.route_scale  # (N, K)
+        if _counting():
+            self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=scores.shape[1]).float()
+        return scores, idx, weights
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Group-limited top-K of the biased scores; the bias never reaches the gate value."""
+        biased = scores + self.bias  # (N, E)
+        if self.n_group > 1:
+            grouped = biased.unflatten(1, (self.n_group, -1))  # (N, G, E/G)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).flatten(1)
+        return biased.topk(self.topk, dim=-1).indices  # (N, K)
+
+
+def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Aux-loss-free bias update (paper 2.1.2): b_i + gamma * sign(mean load - load_i)."""
+    return bias + gamma * torch.sign(load.float().mean() - load.float())
+
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int, alpha: float) -> torch.Tensor:
+    """Complementary sequence-wise loss (paper eq. 17-20), averaged over the sequences of the batch.
+
+    scores [B*T, E] (fp32 affinities), idx [B*T, K]. f_i = E / (K T) * #tokens of the sequence choosing i,
+    P_i = mean over the sequence of s_{i,t} / sum_j s_{j,t}.
+    """
+    n_experts, k = scores.shape[1], idx.shape[1]
+    s = scores.view(batch, -1, n_experts)  # (B, T, E)
+    t = s.shape[1]
+    chosen = torch.zeros_like(s).scatter_(2, idx.view(batch, t, k), 1.0)
+    f = chosen.sum(1) * (n_experts / (k * t))  # (B, E)
+    p = (s / s.sum(-1, keepdim=True)).mean(1)  # (B, E)
+    return alpha * (f * p).sum(-1).mean()
+
+
+def expert_balance_loss(scores: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Classic expert-level auxiliary loss over all tokens of the micro-batch (for ablations, paper 4.5.2)."""
+    n_tokens, n_experts = scores.shape
+    k = idx.shape[1]
+    f = torch.bincount(idx.flatten(), minlength=n_experts).float() * (n_experts / (k * n_tokens))
+    p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    return alpha * (f * p).sum()
+
+
+class AttachLoss(torch.autograd.Function):
+    """Return x unchanged; in backward, also send d(loss) = scale into `loss`'s graph.
+
+    This attaches an auxiliary loss to an activation, so that the loss trains the router without being
+    returned by the model (a pipeline stage passes one tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.loss_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as three grouped GEMMs: w1/w3 [E, inter, dim], w2 [E, dim, inter]."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = GroupedLinear(n_experts, dim, inter_dim, backend)
+        self.w2 = GroupedLinear(n_experts, inter_dim, dim, backend)
+        self.w3 = GroupedLinear(n_experts, dim, inter_dim, backend)
+
+    def forward(self, rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """rows [R, dim]; expert_ids [R, K] local ids (-1 = expert not here); weights [R, K] fp32.
+
+        Returns [R, dim]: sum_k weights[r, k] * expert_{ids[r, k]}(rows[r]), accumulated in fp32 (DeepEP's
+        normal-mode layout: one row per token and destination, weighted before the combine).
+        """
+        k = expert_ids.shape[1]
+        flat = expert_ids.flatten()
+        sort_key = torch.where(flat < 0, self.n_experts, flat)
+        order = torch.argsort(sort_key, stable=True)
+        counts = torch.bincount(sort_key, minlength=self.n_experts + 1)
+        n_valid = int(counts[: self.n_experts].sum())
+        pairs = order[:n_valid]  # (M,) flat (row, slot) indices sorted by expert
+        counts = counts[: self.n_experts]
+        x = rows[pairs // k]  # (M, dim)
+        h = F.silu(self.w1(x, counts)) * self.w3(x, counts)  # (M, inter)
+        y = self.w2(h, counts).float() * weights.flatten()[pairs].unsqueeze(-1)  # (M, dim)
+        out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        return out.index_add_(0, pairs // k, y).to(rows.dtype)
+
+
+class LocalDispatcher:
+    """Dispatch/combine inside one process: every expert is local, so both are identities.
+
+    parallel/expert.py provides the expert-parallel dispatcher with the same interface; the model never
+    knows which one it runs with.
+    """
+
+    def dispatch(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
+        """h [N, dim], idx/weights [N, K] -> (rows, local expert ids, weights, layout)."""
+        return h, idx, weights, None
+
+    def combine(self, y: torch.Tensor, layout: object) -> torch.Tensor:
+        return y
+
+
+class MoE(nn.Module):
+    """Router + shared experts + routed experts; run as phases by `model.transformer.Block`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.expert_gemm)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.balance, self.seq_aux_alpha, self.aux_loss_alpha = cfg.balance, cfg.seq_aux_alpha, cfg.aux_loss_alpha
+        self.dispatcher = LocalDispatcher()
+        self.aux_loss_scale = 1.0  # multiplier of the attached loss's gradient (e.g. 1 / micro-batches)
+        self.last_aux_loss: torch.Tensor | None = None  # detached, for logging
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [B, T, dim] -> (h with the balance loss attached, expert ids [B*T, K], gate weights [B*T, K])."""
+        scores, idx, weights = self.gate(h.flatten(0, 1))
+        loss = None
+        if self.balance == "aux_free" and self.seq_aux_alpha > 0:
+            loss = sequence_balance_loss(scores, idx, h.shape[0], self.seq_aux_alpha)
+        elif self.balance == "aux_loss" and self.aux_loss_alpha > 0:
+            loss = expert_balance_loss(scores, idx, self.aux_loss_alpha)
+        if loss is not None and torch.is_grad_enabled():
+            self.last_aux_loss = loss.detach()
+            h = AttachLoss.apply(h, loss, self.aux_loss_scale)
+        return h, idx, weights

@@ -1,0 +1,128 @@
+"""The DeepSeek-V3 network (paper 2.1): embedding, blocks, final norm, output head and MTP modules.
+
+Layers live in a ModuleDict keyed by their global index, so parameter names are the same whichever
+pipeline stage holds them. The model knows nothing about ranks: `embed`, `norm`, `head` and `mtp` may be
+None on a pipeline stage that does not own them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8.linear import GroupedLinear, Linear
+from model.block import Block
+from model.config import ModelConfig
+from model.mtp import MTPModule
+from model.norm import RMSNorm
+from model.rope import rope_tables
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # main + (lambda / D) * sum_k mtp_k; what backward is called on
+    main: torch.Tensor  # next-token cross-entropy (detached)
+    mtp: list[torch.Tensor]  # cross-entropy per MTP depth (detached)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, cfg.recompute_norm)
+        self.head: Linear | None = Linear(cfg.dim, cfg.vocab_size)
+        self.mtp: nn.ModuleList | None = nn.ModuleList(
+            MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp_depth))
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every weight matrix and the embedding; norms 1; router bias 0."""
+        for m in self.modules():
+            if isinstance(m, (Linear, GroupedLinear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for name, buf in self.named_buffers():
+            if name.endswith("gate.bias"):
+                buf.zero_()
+
+    def drop_mtp(self) -> None:
+        """Remove the MTP modules (inference does not need them, paper 2.2)."""
+        self.mtp = None
+
+    def _rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+
+    def hidden(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> final hidden states [B, T, dim] before the last norm."""
+        cos, sin = self._rope(tokens.shape[1])
+        mask = document_mask(document_ids)
+        h = self.embed(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, mask)
+        return h
+
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]. MTP modules are not run."""
+        return self.head(self.norm(self.hidden(tokens, document_ids)))
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_lambda: float = 0.0,
+             document_ids: torch.Tensor | None = None) -> LossOutput:
+        """Training objective (paper 2.2): CE(next token) + (lambda / D) * sum_k CE_k.
+
+        labels [B, T] are the next tokens (labels[:, i] = t_{i+1}; IGNORE_INDEX masks a position). Depth k
+        embeds t_{i+k} = labels[:, i+k-1] and predicts t_{i+k+1} = labels[:, i+k]; the last k positions,
+        which have no such tokens, are masked (equivalent to the paper's shorter sequences, since attention
+        is causal).
+        """
+        h = self.hidden(tokens, document_ids)
+        main = cross_entropy(self.head(self.norm(h)), labels)
+        total, mtp_losses = main, []
+        if self.mtp is not None and len(self.mtp) and mtp_lambda:
+            cos, sin = self._rope(tokens.shape[1])
+            mask = document_mask(document_ids)
+            depth = len(self.mtp)
+            for k, module in enumerate(self.mtp, start=1):
+                emb_tokens = shift_left(labels, k - 1, IGNORE_INDEX)
+                target = shift_left(labels, k, IGNORE_INDEX)
+                target = target.masked_fill(emb_tokens == IGNORE_INDEX, IGNORE_INDEX)
+                h = module(h, self.embed(emb_tokens.clamp_min(0)), cos, sin, mask)
+                ce = cross_entropy(self.head(module.norm(h)), target)
+                mtp_losses.append(ce.detach())
+                total = total + (mtp_lambda / depth) * ce
+        return LossOutput(total, main.detach(), mtp_losses)
+
+
+def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """x[:, i + k] at position i; the last k positions get `fill`."""
+    if k == 0:
+        return x
+    return torch.cat([x[:, k:], x.new_full((x.shape[0], k), fill)], dim=1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def document_mask(document_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Causal mask that also hides other documents: [B, T] ids -> bool [B, 1, T, T] (True = attend)."""
+    if document_ids is None:
+        return None
+    t = document_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same & causal).unsqueeze(1)
