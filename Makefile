@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m launch.plan model=tiny
-	$(PY) -m bench.tiny_train
+	$(PY) -m trainer.train
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+DEFAULT_INIT_STD = 0.02  # for modules built on their own; Transformer re-initialises with model.init_std
+
 
 class WeightGradStore:
     """A queue of deferred weight-gradient GEMMs.
@@ -87,6 +89,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.wgrad_store: WeightGradStore | None = None
+        nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LinearFn.apply(x, self.weight, self)
@@ -171,6 +174,7 @@ class GroupedLinear(nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(n_groups, out_features, in_features, dtype=dtype))
         self.wgrad_store: WeightGradStore | None = None
+        nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, in] sorted by group, counts [E] (sum M) -> [M, out]."""

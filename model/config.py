@@ -94,7 +94,8 @@ class ModelConfig:
         if self.n_shared_experts < 0:
             _fail("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
         if self.qk_rope_head_dim % 2:
-            _fail("qk_rope_head_dim", f"RoPE rotates pairs of channels, so it must be even, got {self.qk_rope_head_dim}")
+            _fail("qk_rope_head_dim", f"RoPE rotates pairs of channels, so it must be even, "
+                  f"got {self.qk_rope_head_dim}")
         if self.n_routed_experts % self.n_group:
             _fail("n_routed_experts", f"{self.n_routed_experts} is not divisible by n_group={self.n_group}; "
                   "choose n_group among the divisors of n_routed_experts")

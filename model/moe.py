@@ -39,9 +39,17 @@ class MLP(nn.Module):
 
 
 def _counting() -> bool:
-    # Count only in a real training forward: grad on, and not a recomputation running inside backward
-    # (reentrant checkpointing re-runs the forward there with grad enabled).
-    return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+    """True in a training forward, False under no_grad and in a checkpoint's non-counting pass.
+
+    Reentrant checkpointing runs the real forward under no_grad and recomputes inside backward with grad
+    on (count there); non-reentrant checkpointing runs the real forward with grad on and recomputes inside
+    backward under its saved-tensor hooks (do not count again). PyTorch has no public flag for "this is a
+    recomputation", hence the private calls.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    in_backward = torch._C._current_graph_task_id() != -1
+    return not in_backward or torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
 class Gate(Linear):

@@ -2,8 +2,8 @@
 
 `total` and `activated` cover the main model (embedding, blocks, final norm, output head), as the paper's
 671B / 37B do; `mtp` counts the MTP modules' own parameters (they share the embedding and head).
-Activated = everything a token passes through: all dense parameters, the shared experts and K of the
-routed experts per MoE layer.
+Activated = the parameters a token's computation multiplies: every dense weight, the shared experts and K
+of the routed experts per MoE layer; the embedding table is excluded, since a token reads only its own row.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     main = {name: p.numel() for name, p in model.named_parameters() if not name.startswith("mtp.")}
     total = sum(main.values())
     routed_main = sum(n for name, n in main.items() if name in routed)
-    activated = total - routed_main + routed_main * cfg.n_activated_experts // cfg.n_routed_experts
+    routed_active = routed_main * cfg.n_activated_experts // cfg.n_routed_experts
+    activated = total - main["embed.weight"] - routed_main + routed_active
     mtp = sum(p.numel() for name, p in model.named_parameters() if name.startswith("mtp."))
     return {"total": total, "activated": activated, "mtp": mtp}

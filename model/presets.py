@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from model.config import ConfigError, model_config, ModelConfig
+from model.config import ConfigError, ModelConfig, model_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
 

@@ -1,0 +1,348 @@
+"""Training-step throughput of our DeepSeek-V3 model against transformers' DeepseekV3ForCausalLM, on CPU in fp32.
+
+What it measures, on one token batch shared by every variant:
+
+- ours:   `model(tokens)` logits + cross-entropy on the next tokens + backward (main model only, no MTP), for
+          each routed-expert GEMM backend (`expert_gemm` = auto, grouped_mm, loop);
+- ours + MTP: `model.loss(tokens, labels, mtp_lambda)` + backward, the full training objective (extra row);
+- HF:     DeepseekV3ForCausalLM loaded from `model.hf.save_hf` of the same weights, `labels=` loss + backward, with
+          attn_implementation "eager" and "sdpa" (use_cache=False, as in training).
+
+The variants run interleaved (A, B, C, ... then B, C, ..., A; the order rotates) after warm-up, so that machine
+noise hits all of them alike; the median step time gives tokens/s. The same run measures the machine's fp32 GEMM
+peak with a large square matmul, so model FLOP/s can be read as a fraction of what this CPU can do at all.
+Finally torch.profiler runs a few steps of ours and lists the top operators by self CPU time.
+
+Why: the issue asks our step to be >= 1.5x transformers' on the same work, and to know where our time goes. This
+is a measurement, not a test: nothing is asserted, and speed is never part of the test suite.
+
+    python -m bench.model_step [--batch 8 --seq 256 --iters 5]     # writes bench/results/model_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fp8.linear import GroupedLinear, Linear
+from model import ModelConfig, Transformer, presets
+from model.hf import save_hf
+from model.transformer import IGNORE_INDEX, cross_entropy, shift_left
+
+RESULTS = Path(__file__).resolve().parent / "results" / "model_step.json"
+Step = Callable[[], torch.Tensor]  # runs forward + loss + backward, returns the (detached) loss
+
+
+# ---- model FLOPs ---------------------------------------------------------------------------------------------
+# Model FLOPs per token, fwd + bwd (backward = 2x forward: Dgrad and Wgrad GEMMs):
+#
+#   F = 6 * N_mm + 3 * A
+#   N_mm = weights a token is actually multiplied with (the embedding is a lookup, norms are elementwise):
+#          per layer  MLA  q: dim*q_lora + q_lora*H*qk_head_dim   (dim*H*qk_head_dim without q_lora)
+#                          wkv_a: dim*(kv_lora + rope)  wkv_b: kv_lora*H*(nope + v)  wo: H*v*dim
+#          dense layers  3*dim*inter_dim
+#          MoE layers    shared 3*dim*(n_shared*moe_inter) + top-K routed K*3*dim*moe_inter + router dim*E
+#          output head   dim*vocab
+#   A    = forward attention scores and values per token: n_layers * 2 * H * (qk_head_dim + v_head_dim) * (T+1)/2
+#          (QK^T and PV cost 2*H*d FLOPs per (query, key) pair; causal query i sees i+1 keys, (T+1)/2 on average)
+# With MTP, each depth adds eh_proj 2*dim*dim, one MoE block (its own attention too) and the shared head again.
+# All useful work only: HF's eager attention also multiplies the masked upper triangle; that is not counted.
+
+def attention_params(cfg: ModelConfig) -> int:
+    """Matmul weights of one MLA layer."""
+    h, qk = cfg.n_heads, cfg.qk_head_dim
+    q = cfg.dim * h * qk if cfg.q_lora_rank is None else cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank * h * qk
+    kv = cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim
+                                                                                        + cfg.v_head_dim)
+    return q + kv + h * cfg.v_head_dim * cfg.dim
+
+
+def moe_params_per_token(cfg: ModelConfig) -> int:
+    """Matmul weights one token passes through in a MoE FFN: shared experts, top-K routed experts, router."""
+    shared = 3 * cfg.dim * cfg.n_shared_experts * cfg.moe_inter_dim
+    routed = cfg.n_activated_experts * 3 * cfg.dim * cfg.moe_inter_dim
+    return shared + routed + cfg.dim * cfg.n_routed_experts
+
+
+def matmul_params_per_token(cfg: ModelConfig, mtp: bool = False) -> dict[str, int]:
+    """N_mm of the main model (and of the MTP modules with `mtp`), by component."""
+    n_moe = cfg.n_layers - cfg.first_k_dense
+    parts = {
+        "attention": cfg.n_layers * attention_params(cfg),
+        "dense_ffn": cfg.first_k_dense * 3 * cfg.dim * cfg.inter_dim,
+        "moe_ffn": n_moe * moe_params_per_token(cfg),
+        "head": cfg.dim * cfg.vocab_size,
+    }
+    if mtp:
+        per_depth = 2 * cfg.dim * cfg.dim + attention_params(cfg) + moe_params_per_token(cfg) + cfg.dim * cfg.vocab_size
+        parts["mtp"] = cfg.n_mtp_depth * per_depth
+    return parts
+
+
+def module_params_per_token(model: Transformer, mtp: bool = False) -> int:
+    """The same N_mm counted from the built modules (a cross-check of the formula above)."""
+    cfg = model.cfg
+    total = 0
+    for name, module in model.named_modules():
+        if name.startswith("mtp.") and not mtp:
+            continue
+        if isinstance(module, GroupedLinear):
+            total += module.weight.numel() * cfg.n_activated_experts // cfg.n_routed_experts
+        elif isinstance(module, Linear):
+            total += module.weight.numel()
+    return total + (cfg.n_mtp_depth * model.head.weight.numel() if mtp else 0)
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq: int, n_layers: int) -> float:
+    """Forward causal attention FLOPs per token (scores + values), averaged over the sequence."""
+    return n_layers * 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq + 1) / 2
+
+
+def train_flops_per_token(cfg: ModelConfig, seq: int, mtp: bool = False) -> float:
+    """F = 6 * N_mm + 3 * A, forward + backward."""
+    n_mm = sum(matmul_params_per_token(cfg, mtp).values())
+    layers = cfg.n_layers + (cfg.n_mtp_depth if mtp else 0)
+    return 6 * n_mm + 3 * attention_flops_per_token(cfg, seq, layers)
+
+
+# ---- machine peak --------------------------------------------------------------------------------------------
+
+def gemm_peak(n: int, iters: int) -> dict[str, float]:
+    """Median fp32 FLOP/s of an n x n x n matmul (2 n^3 FLOPs), after one warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    flops, med = 2 * n**3, statistics.median(times)
+    return {"n": n, "iters": iters, "median_s": med, "flops_per_s": flops / med, "best_flops_per_s": flops / min(times)}
+
+
+# ---- the steps -----------------------------------------------------------------------------------------------
+
+def build_ours(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> Transformer:
+    model = Transformer(cfg)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.float().train()
+
+
+def ours_step(model: Transformer, tokens: torch.Tensor) -> Step:
+    """Main model only: logits, CE against the shifted tokens (HF's `labels=` loss), backward."""
+    labels = shift_left(tokens, 1, IGNORE_INDEX)
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def ours_mtp_step(model: Transformer, tokens: torch.Tensor, mtp_lambda: float) -> Step:
+    """The full objective: main CE + (lambda / D) * MTP CEs, backward."""
+    labels = shift_left(tokens, 1, IGNORE_INDEX)
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(tokens, labels, mtp_lambda=mtp_lambda).loss
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def load_hf(path: Path, attn: str) -> nn.Module:
+    """transformers' DeepseekV3ForCausalLM from `path` in fp32 with the given attention implementation."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the unused MTP layer is reported as unexpected weights
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, torch_dtype=torch.float32)
+    return model.train()
+
+
+def hf_step(model: nn.Module, tokens: torch.Tensor) -> Step:
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+
+def time_interleaved(steps: dict[str, Step], warmup: int, iters: int) -> tuple[dict[str, list[float]], dict]:
+    """Step seconds per variant over `iters` rounds; every round runs each variant once, in a rotated order."""
+    names = list(steps)
+    losses = {}
+    for _ in range(warmup):
+        for name in names:
+            losses[name] = float(steps[name]())
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(iters):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times, losses
+
+
+def profile_top(step: Step, iters: int, top: int) -> tuple[list[dict], str]:
+    """Top operators by self CPU time over `iters` steps (per-step milliseconds), and profiler's own table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    rows = [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / iters,
+             "calls_per_step": e.count / iters, "self_cpu_pct": 100 * e.self_cpu_time_total / total} for e in ranked]
+    return rows, events.table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+def summarize(times: dict[str, list[float]], losses: dict[str, float], flops: dict[str, float], tokens: int,
+              peak: float) -> dict[str, dict]:
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "times_s": ts, "tokens_per_s": tokens / med,
+                     "flops_per_token": flops[name], "flops_per_s": flops[name] * tokens / med,
+                     "peak_fraction": flops[name] * tokens / med / peak, "loss": losses[name]}
+    return out
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    header = ["variant", "median ms", "min ms", "tokens/s", "GFLOP/tok", "GFLOP/s", "% peak", "loss"]
+    body = [[name, f"{r['median_s'] * 1e3:.1f}", f"{r['min_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}",
+             f"{r['flops_per_token'] / 1e9:.4f}", f"{r['flops_per_s'] / 1e9:.2f}", f"{100 * r['peak_fraction']:.1f}",
+             f"{r['loss']:.4f}"] for name, r in rows.items()]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, object]:
+    import transformers
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpu and cpuinfo.is_file():  # platform.processor() is empty on most Linux systems
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"processor": cpu, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
+    p.add_argument("--iters", type=int, default=5, help="timed rounds (each runs every variant once)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--mtp-lambda", type=float, default=0.3)
+    p.add_argument("--peak-n", type=int, default=2048, help="size of the square fp32 matmul that measures the peak")
+    p.add_argument("--peak-iters", type=int, default=5)
+    p.add_argument("--profile-iters", type=int, default=3, help="profiled steps of ours (0 = no profile)")
+    p.add_argument("--top", type=int, default=15, help="operators listed by the profile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def build_steps(cfg: ModelConfig, tokens: torch.Tensor, mtp_lambda: float,
+                tmp: Path) -> tuple[dict[str, Step], dict[str, float]]:
+    """Every variant's step on the same weights, and each variant's model FLOPs per token."""
+    base = build_ours(cfg)
+    state = base.state_dict()
+    seq = tokens.shape[1]
+    main_flops = train_flops_per_token(cfg, seq)
+    steps: dict[str, Step] = {f"ours (expert_gemm={cfg.expert_gemm})": ours_step(base, tokens)}
+    for backend in ("grouped_mm", "loop"):
+        model = build_ours(dataclasses.replace(cfg, expert_gemm=backend), state)
+        steps[f"ours (expert_gemm={backend})"] = ours_step(model, tokens)
+    steps[f"ours + MTP (lambda={mtp_lambda})"] = ours_mtp_step(base, tokens, mtp_lambda)
+    save_hf(base, tmp)
+    for attn in ("eager", "sdpa"):
+        steps[f"HF ({attn})"] = hf_step(load_hf(tmp, attn), tokens)
+    flops = {name: main_flops for name in steps}
+    flops[f"ours + MTP (lambda={mtp_lambda})"] = train_flops_per_token(cfg, seq, mtp=True)
+    return steps, flops
+
+
+def check_flop_formula(cfg: ModelConfig) -> None:
+    """Warn when the config formula and the built modules disagree on N_mm (the formula would be stale)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for mtp in (False, True):
+        formula, counted = sum(matmul_params_per_token(cfg, mtp).values()), module_params_per_token(model, mtp)
+        if formula != counted:
+            print(f"WARNING: N_mm(mtp={mtp}) formula {formula} != {counted} counted from the modules")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = presets.load(args.preset)
+    check_flop_formula(cfg)
+    tokens = torch.randint(cfg.vocab_size, (args.batch, args.seq))
+    with tempfile.TemporaryDirectory() as tmp:
+        steps, flops = build_steps(cfg, tokens, args.mtp_lambda, Path(tmp))
+    peak = gemm_peak(args.peak_n, args.peak_iters)
+    times, losses = time_interleaved(steps, args.warmup, args.iters)
+    rows = summarize(times, losses, flops, tokens.numel(), peak["flops_per_s"])
+    ours, names = next(iter(rows)), list(rows)
+    ratios = {hf: rows[ours]["tokens_per_s"] / rows[hf]["tokens_per_s"] for hf in names if hf.startswith("HF")}
+    ratios["grouped_mm / loop"] = (rows["ours (expert_gemm=grouped_mm)"]["tokens_per_s"]
+                                   / rows["ours (expert_gemm=loop)"]["tokens_per_s"])
+    print(f"{args.preset}: batch {args.batch} x seq {args.seq}, fp32, {torch.get_num_threads()} threads, "
+          f"{args.warmup} warm-up + {args.iters} timed rounds (median)")
+    print(f"fp32 GEMM peak ({args.peak_n}^3): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s\n")
+    print(format_table(rows) + "\n")
+    for name, ratio in ratios.items():
+        label = f"{ours} vs {name}" if name.startswith("HF") else name
+        print(f"speed-up {label}: {ratio:.2f}x" + ("  (target >= 1.5x)" if name.startswith("HF") else ""))
+    profile, table = ([], "") if not args.profile_iters else profile_top(steps[ours], args.profile_iters, args.top)
+    if table:
+        print(f"\nprofile of {ours}, {args.profile_iters} steps, top {args.top} ops by self CPU time:\n{table}")
+    result = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "tokens_per_step": tokens.numel(),
+              "warmup": args.warmup, "iters": args.iters, "seed": args.seed, "machine": machine_info(),
+              "gemm_peak": peak, "matmul_params_per_token": matmul_params_per_token(cfg, mtp=True),
+              "variants": rows, "speedups": ratios, "profile": {"variant": ours, "iters": args.profile_iters,
+                                                                "top_ops": profile}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

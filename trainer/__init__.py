@@ -1,0 +1,1 @@
+"""Training: the loop every layout reuses (DESIGN.md principle 5)."""
