@@ -27,7 +27,7 @@ class YarnConfig:
     original_max_seq_len: int = 4096  # pre-training context the frequencies were trained for
     beta_fast: float = 32.0  # rotations above which a frequency is extrapolated (kept)
     beta_slow: float = 1.0  # rotations below which a frequency is interpolated (divided by s)
-    mscale: float = 1.0  # cos/sin scale numerator: 0.1 * mscale * ln(s) + 1
+    mscale: float = 1.0  # cos/sin scale numerator: 0.1 * mscale * ln(s) + 1 (0: use 0.1 ln(s) + 1 overall)
     mscale_all_dim: float = 1.0  # softmax scale multiplier (0.1 * mscale_all_dim * ln(s) + 1)^2; 0 = off
 
 
@@ -41,7 +41,7 @@ class ModelConfig:
     n_layers: int = 61  # Transformer blocks of the main model
     first_k_dense: int = 3  # the first k blocks use a dense FFN, the rest MoE
     inter_dim: int = 18432  # intermediate size of the dense FFNs
-    norm_eps: float = 1e-6  # RMSNorm epsilon
+    norm_eps: float = 1e-6  # epsilon of the block, final and MTP norms (MLA's latent norms always use 1e-6)
     init_std: float = 0.006  # std of the normal init of every weight matrix and the embedding
     max_seq_len: int = 4096  # longest sequence the RoPE tables cover
     # mla (2.1.1)

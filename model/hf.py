@@ -190,6 +190,8 @@ def load_hf(path: str | Path) -> Transformer:
     if missing:
         shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
         raise KeyError(f"{path}: checkpoint lacks tensors the config needs: {shown}")
+    if cfg.n_shared_experts == 0:  # transformers writes empty shared-expert tensors for n_shared_experts=0
+        tensors = {n: t for n, t in tensors.items() if not (".mlp.shared_experts." in n and t.numel() == 0)}
     unexpected = sorted(n for n in tensors if n not in wanted)
     if unexpected:
         raise KeyError(f"{path}: tensors the config does not describe (another architecture or config?): "

@@ -23,6 +23,10 @@ from model.config import ModelConfig
 from model.norm import RMSNorm
 from model.rope import apply_rope, softmax_scale
 
+# DeepSeek's reference code and transformers build the latent norms with the default epsilon, whatever
+# rms_norm_eps says; matching them keeps checkpoints interchangeable.
+LATENT_NORM_EPS = 1e-6
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -38,10 +42,10 @@ class MLA(nn.Module):
             self.wq = Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim)  # W_Q
         else:
             self.wq_a = Linear(cfg.dim, cfg.q_lora_rank)  # W_DQ
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, cfg.recompute_norm)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, cfg.recompute_norm)
             self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_head_dim)  # W_UQ and W_QR
         self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # W_DKV and W_KR
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps, cfg.recompute_norm)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, cfg.recompute_norm)
         self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))  # W_UK, W_UV
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim)  # W_O
 

@@ -3,7 +3,8 @@
 Pairs are interleaved, (x0, x1), (x2, x3), ..., as in DeepSeek's checkpoints. YaRN follows Hugging Face's
 `rope_scaling` semantics (type "yarn"): frequencies blended between extrapolation and interpolation by a
 linear ramp over the correction range [beta_fast, beta_slow], cos/sin multiplied by
-mscale(s, mscale) / mscale(s, mscale_all_dim), and the softmax scale multiplied by mscale(s, mscale_all_dim)^2.
+mscale(s, mscale) / mscale(s, mscale_all_dim) (or mscale(s) when either is 0), and the softmax scale
+multiplied by mscale(s, mscale_all_dim)^2.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def inv_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 = keep the original frequency (high-frequency channels)
     inv_freq = inv_freq / yarn.factor * (1 - extrapolate) + inv_freq * extrapolate
-    attention_factor = yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    if yarn.mscale and yarn.mscale_all_dim:
+        attention_factor = yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    else:  # YaRN's own temperature when the pair is not given (Hugging Face semantics)
+        attention_factor = yarn_mscale(yarn.factor)
     return inv_freq, attention_factor
 
 

@@ -90,21 +90,13 @@ CASES = {
     "router_bias": ({}, 32, True),
     "no_shared_experts": (dict(n_shared_experts=0), 24, False),
     "all_moe": (dict(first_k_dense=0), 32, True),
-}
-# name: (config overrides, sequence length, router bias, the bug); strict xfail, so a fix turns them red
-KNOWN_BUGS = {
+    # transformers scales cos/sin by 0.1 ln(s) + 1 when mscale_all_dim is 0
     "yarn_mscale_all_dim_0": (
-        dict(YARN, yarn=YarnConfig(factor=4, original_max_seq_len=32, mscale=0.707, mscale_all_dim=0.0)), 40, False,
-        "model/rope.py inv_frequencies: transformers scales cos/sin by mscale(s, mscale) / mscale(s, mscale_all_dim) "
-        "only when both are nonzero, else by 0.1 ln(s) + 1; ours always takes the ratio"),
-    "norm_eps_1e-3": (
-        dict(norm_eps=1e-3), 32, False,
-        "model/mla.py: transformers (like DeepSeek's reference) normalises the q/kv latents with eps 1e-6 "
-        "whatever rms_norm_eps is; ours uses norm_eps"),
+        dict(YARN, yarn=YarnConfig(factor=4, original_max_seq_len=32, mscale=0.707, mscale_all_dim=0.0)), 40, False),
+    # the MLA latent norms keep eps 1e-6 whatever rms_norm_eps is
+    "norm_eps_1e-3": (dict(norm_eps=1e-3), 32, False),
 }
-PARAMS = [pytest.param(*v, id=k) for k, v in CASES.items()] + [
-    pytest.param(*v[:3], id=k, marks=pytest.mark.xfail(reason=f"known bug: {v[3]}", strict=True))
-    for k, v in KNOWN_BUGS.items()]
+PARAMS = [pytest.param(*v, id=k) for k, v in CASES.items()]
 
 
 @pytest.mark.parametrize("overrides, seq_len, router_bias", PARAMS)
@@ -182,8 +174,6 @@ def test_transformers_resaved_directory_loads_without_mtp(tmp_path, caplog):
         assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: model/hf.py load_hf rejects the zero-size shared_experts "
-                   "tensors that transformers saves when n_shared_experts=0")
 def test_transformers_resaved_directory_without_shared_experts_loads(tmp_path):
     model = build(config(n_shared_experts=0))
     save_hf(model, tmp_path / "ours")
@@ -194,8 +184,6 @@ def test_transformers_resaved_directory_without_shared_experts_loads(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: model/rope.py takes the YaRN cos/sin factor as 1 when "
-                   "rope_scaling has no mscale/mscale_all_dim; transformers uses 0.1 ln(factor) + 1")
 def test_loaded_yarn_config_without_mscale_matches_transformers(tmp_path):
     save_hf(build(config(**YARN, yarn=YarnConfig(factor=4, original_max_seq_len=32))), tmp_path)
     cfg_file = tmp_path / "config.json"
