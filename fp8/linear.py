@@ -101,7 +101,7 @@ class Linear(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Grouped GEMM for routed experts (paper 2.1.2): rows are sorted by expert, `counts[e]` rows per expert.
 
-GEMM_BACKENDS = ("auto", "grouped_mm", "loop")
+GEMM_BACKENDS = ("grouped_mm", "loop")
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -118,12 +118,10 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, backend: 
     - a [M, K], b [E, K, N]            -> [M, N]     rows of segment e times b[e]   (Fprop, Dgrad)
     - a [K, M], b [M, N] (2-D x 2-D)   -> [E, K, N]  segment e of the shared M axis   (Wgrad)
 
-    `backend` "grouped_mm" calls PyTorch's grouped GEMM; "loop" loops over experts (never over tokens),
-    which on CPU is faster than PyTorch 2.13's grouped kernel (bench/model_step.py measures both);
-    "auto" picks grouped_mm on CUDA and loop elsewhere. Misaligned shapes fall back to the loop.
+    `backend` "grouped_mm" calls PyTorch's grouped GEMM (one kernel on GPU); "loop" loops over experts
+    (never over tokens), the reference and the fallback for shapes whose strides are not 16-byte aligned,
+    which the grouped kernel rejects. On CPU both run at the same speed (bench/model_step.py).
     """
-    if backend == "auto":
-        backend = "grouped_mm" if a.is_cuda else "loop"
     if backend == "grouped_mm" and _aligned(a, b):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return F.grouped_mm(a, b, offs=offs)
@@ -165,7 +163,7 @@ class _GroupedLinearFn(torch.autograd.Function):
 class GroupedLinear(nn.Module):
     """E independent Linears (weight [E, out, in]) applied to rows grouped by expert."""
 
-    def __init__(self, n_groups: int, in_features: int, out_features: int, backend: str = "auto",
+    def __init__(self, n_groups: int, in_features: int, out_features: int, backend: str = "grouped_mm",
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if backend not in GEMM_BACKENDS:

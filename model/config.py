@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 
 
 BALANCE_MODES = ("aux_free", "aux_loss", "none")
-EXPERT_GEMMS = ("auto", "grouped_mm", "loop")
+EXPERT_GEMMS = ("grouped_mm", "loop")
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ModelConfig:
     balance: str = "aux_free"  # aux_free (bias + sequence loss) | aux_loss (classic expert loss) | none
     seq_aux_alpha: float = 1e-4  # weight alpha of the complementary sequence-wise loss (aux_free)
     aux_loss_alpha: float = 1e-3  # weight of the classic expert-level balance loss (aux_loss)
-    expert_gemm: str = "auto"  # routed-expert GEMM: auto | grouped_mm | loop (over experts)
+    expert_gemm: str = "grouped_mm"  # routed-expert GEMM: grouped_mm | loop (over experts, the reference)
     # mtp (2.2)
     n_mtp_depth: int = 1  # MTP depth D; 0 = no MTP modules
     # memory savers (3.2.3)

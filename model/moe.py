@@ -136,7 +136,7 @@ class AttachLoss(torch.autograd.Function):
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as three grouped GEMMs: w1/w3 [E, inter, dim], w2 [E, dim, inter]."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, backend: str = "auto") -> None:
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, backend: str = "grouped_mm") -> None:
         super().__init__()
         self.n_experts = n_experts
         self.w1 = GroupedLinear(n_experts, dim, inter_dim, backend)
@@ -157,7 +157,7 @@ class RoutedExperts(nn.Module):
         n_valid = int(counts[: self.n_experts].sum())
         pairs = order[:n_valid]  # (M,) flat (row, slot) indices sorted by expert
         counts = counts[: self.n_experts]
-        x = rows[pairs // k]  # (M, dim)
+        x = rows.index_select(0, pairs // k)  # (M, dim); backward is an index_add
         h = F.silu(self.w1(x, counts)) * self.w3(x, counts)  # (M, inter)
         y = self.w2(h, counts).float() * weights.flatten()[pairs].unsqueeze(-1)  # (M, dim)
         out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)

@@ -10,17 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fp8.linear import GroupedLinear, Linear
 from model.block import Block
 from model.config import ModelConfig
+from model.loss import IGNORE_INDEX, linear_cross_entropy
 from model.mtp import MTPModule
 from model.norm import RMSNorm
 from model.rope import rope_tables
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -90,7 +88,7 @@ class Transformer(nn.Module):
         is causal).
         """
         h = self.hidden(tokens, document_ids)
-        main = cross_entropy(self.head(self.norm(h)), labels)
+        main = linear_cross_entropy(self.norm(h), self.head, labels)
         total, mtp_losses = main, []
         if self.mtp is not None and len(self.mtp) and mtp_lambda:
             cos, sin = self._rope(tokens.shape[1])
@@ -101,7 +99,7 @@ class Transformer(nn.Module):
                 target = shift_left(labels, k, IGNORE_INDEX)
                 target = target.masked_fill(emb_tokens == IGNORE_INDEX, IGNORE_INDEX)
                 h = module(h, self.embed(emb_tokens.clamp_min(0)), cos, sin, mask)
-                ce = cross_entropy(self.head(module.norm(h)), target)
+                ce = linear_cross_entropy(module.norm(h), self.head, target)
                 mtp_losses.append(ce.detach())
                 total = total + (mtp_lambda / depth) * ce
         return LossOutput(total, main.detach(), mtp_losses)
@@ -112,10 +110,6 @@ def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     if k == 0:
         return x
     return torch.cat([x[:, k:], x.new_full((x.shape[0], k), fill)], dim=1)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def document_mask(document_ids: torch.Tensor | None) -> torch.Tensor | None:

@@ -140,3 +140,25 @@ def test_document_mask_isolates_packed_documents():
     # RoPE is relative, so doc_b alone (positions 0..4) equals doc_b at positions 7..11 behind the mask
     torch.testing.assert_close(masked[:, 7:], model(doc_b), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(model(packed)[:, 7:], model(doc_b), atol=1e-4)  # default: no cross-doc mask
+
+
+def test_fused_linear_cross_entropy_matches_float64_reference(monkeypatch):
+    from model import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 3 * 50)  # several chunks of 3 rows
+    torch.manual_seed(7)
+    head = Linear(16, 50)
+    h = torch.randn(4, 5, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (4, 5))
+    labels[1, 2] = IGNORE_INDEX
+    got = loss_mod.linear_cross_entropy(h, head, labels)
+    got.mul(3.0).backward()
+    h64 = h.detach().double().requires_grad_()
+    w64 = head.weight.detach().double().requires_grad_()
+    ref = F.cross_entropy((h64 @ w64.t()).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    ref.mul(3.0).backward()
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(head.weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(loss_mod.linear_cross_entropy(h, head, labels), got.detach())
