@@ -122,7 +122,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, backend: 
     (never over tokens), the reference and the fallback for shapes whose strides are not 16-byte aligned,
     which the grouped kernel rejects. On CPU both run at the same speed (bench/model_step.py).
     """
-    if backend == "grouped_mm" and _aligned(a, b):
+    if backend == "grouped_mm" and hasattr(F, "grouped_mm") and _aligned(a, b):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return F.grouped_mm(a, b, offs=offs)
     sizes = counts.tolist()
