@@ -1,0 +1,1 @@
+"""Everything that knows about ranks (DESIGN.md): the process grid, expert and pipeline parallelism, ZeRO."""
