@@ -36,6 +36,8 @@ class DataConfig:
             raise ConfigError(f"data.valid_fraction: must lie in [0, 1), got {self.valid_fraction}")
         if self.vocab_size < 512:
             raise ConfigError(f"data.vocab_size: a byte-level BPE needs at least 512 entries, got {self.vocab_size}")
+        if self.corpus_bytes <= 0:
+            raise ConfigError(f"data.corpus_bytes: must be positive, got {self.corpus_bytes}")
         if self.preprocess_workers < 1:
             raise ConfigError(f"data.preprocess_workers: must be >= 1, got {self.preprocess_workers}")
         return self

@@ -108,6 +108,11 @@ class RunConfig:
         if self.trainer.global_batch_size % (self.trainer.micro_batch_size * dp):
             raise ConfigError(f"trainer.global_batch_size={self.trainer.global_batch_size} is not a multiple of "
                               f"micro_batch_size x data-parallel size = {self.trainer.micro_batch_size * dp}")
+        ramp = self.optim.batch_ramp_start and self.optim.batch_ramp_tokens
+        if ramp and self.optim.batch_ramp_start > self.trainer.global_batch_size:
+            raise ConfigError(f"optim.batch_ramp_start={self.optim.batch_ramp_start} exceeds "
+                              f"trainer.global_batch_size={self.trainer.global_batch_size}; the ramp grows the "
+                              "batch, so start below the final size or set optim.batch_ramp_start=0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,116 +1,246 @@
-"""The main job, single process: train a model preset on real text that every machine has.
+"""`hai-train`: the training loop every layout reuses (DESIGN.md principle 5), single process today.
 
-Until the data pipeline lands (tokenizer, packed token files, FIM), the text is the Python standard
-library's source read as bytes (token id = byte value, inside the preset's vocabulary), so nothing is
-downloaded. The step is the paper's: next-token + MTP loss (lambda 0.3), AdamW (0.9, 0.95, wd 0.1),
-clipping at 1.0, then the aux-loss-free bias update from the step's expert loads (paper 2.1.2).
+One optimizer step (paper 4.2):
+  1. batch size, MTP lambda, bias speed gamma and learning rate from the schedules (trainer/optim.py), keyed
+     by tokens consumed so far;
+  2. micro-batches of packed sequences (data/), forward with the main + MTP loss, backward (the balance loss
+     rides along through autograd, model/moe.py), gradients accumulated;
+  3. a non-finite loss or gradient norm stops the run naming the step (or skips the step, up to
+     trainer.max_skipped_steps in a row); the last good checkpoint is kept;
+  4. gradient clipping, then the aux-loss-free bias update from the step's expert loads (trainer/balance.py),
+     then AdamW over fp32 master weights, then the CPU EMA;
+  5. metrics, validation and atomic checkpoints at their intervals.
 
-    python -m trainer.train trainer.steps=200 model=tiny
+    hai-train                                   # the main job: configs/config.yaml
+    hai-train model=tiny optim.lr=1e-3 trainer.max_steps=100
+    hai-train -m model.balance=aux_free,aux_loss    # an ablation: one run directory per point
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-from model import ModelConfig, Transformer
-from model.config import from_dict, model_config
-from model.moe import Gate, update_bias
+from data.dataset import DataPipeline, build_data, check_vocab
+from model import ConfigError, Transformer
+from model.moe import Gate, MoE
+from trainer.balance import BiasBalancer
+from trainer.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    ensure_writable,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from trainer.config import RunConfig, load_config
+from trainer.ema import EMA
+from trainer.metrics import Metrics
+from trainer.optim import AdamW, attach_main_grads, batch_size_at, bias_gamma_at, clip_grad_norm_, lr_at, mtp_lambda_at
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
 
 
 @dataclass
-class TrainerConfig:
-    steps: int = 200  # optimizer steps
-    batch_size: int = 8  # sequences per step
-    seq_len: int = 128  # tokens per sequence
-    lr: float = 2e-3  # peak learning rate (linear warm-up, then cosine to 10%)
-    warmup: int = 20  # warm-up steps
-    mtp_lambda: float = 0.3  # MTP loss weight (paper 4.2)
-    bias_gamma: float = 1e-2  # aux-loss-free bias update speed
-    log_every: int = 10  # steps between log lines
-    seed: int = 0
-    text_bytes: int = 4_000_000  # how much standard-library source to read
+class TrainState:
+    step: int = 0  # optimizer steps taken (or skipped)
+    tokens: int = 0  # training tokens consumed
+    skipped_in_row: int = 0  # consecutive steps skipped for a non-finite loss
 
 
-def stdlib_bytes(limit: int) -> torch.Tensor:
-    """The first `limit` bytes of the standard library's .py files, in sorted path order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts:
-            continue
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+    return torch.device(name)
 
 
-def lr_at(step: int, cfg: TrainerConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def cast_for_compute(model: Transformer, dtype: torch.dtype) -> None:
+    """Weights in the compute dtype, except the router, which routes in fp32 (paper 3.3)."""
+    gates = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in gates:
+                p.data = p.data.to(dtype)
 
 
-def train(model_cfg: ModelConfig, cfg: TrainerConfig) -> list[float]:
-    torch.manual_seed(cfg.seed)
-    data = stdlib_bytes(cfg.text_bytes)
-    n_val = len(data) // 20
-    train_data = data[:-n_val]
-    model = Transformer(model_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gates = [m for m in model.modules() if isinstance(m, Gate)]
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        starts = torch.randint(0, len(train_data) - cfg.seq_len - 1, (cfg.batch_size,))
-        window = torch.stack([train_data[s:s + cfg.seq_len + 1] for s in starts])
-        out = model.loss(window[:, :-1], window[:, 1:], mtp_lambda=cfg.mtp_lambda)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        opt.step()
-        max_vio = 0.0
-        with torch.no_grad():
-            for gate in gates:
-                load = gate.tokens_per_expert
-                max_vio = max(max_vio, float(load.max() / load.mean() - 1))
-                if model_cfg.balance == "aux_free":
-                    gate.bias.copy_(update_bias(gate.bias, load, cfg.bias_gamma))
-                load.zero_()
-        losses.append(out.main.item())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            mtp = f" mtp {out.mtp[0].item():.3f}" if out.mtp else ""
-            print(f"step {step:4d}  loss {out.main.item():.3f}{mtp}  grad_norm {grad_norm:.2f}  "
-                  f"max_vio {max_vio:.2f}  lr {lr_at(step, cfg):.2e}  {time.perf_counter() - t0:.0f}s", flush=True)
-    return losses
+def layout() -> dict[str, int]:
+    return {"pp": 1, "ep": 1, "dp": 1}
 
 
-def main(argv: list[str] | None = None) -> int:
-    overrides = sys.argv[1:] if argv is None else argv
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=overrides)
-    model_cfg = model_config(OmegaConf.to_container(cfg.model, resolve=True))
-    trainer_cfg = from_dict(TrainerConfig, OmegaConf.to_container(cfg.trainer, resolve=True), prefix="trainer")
-    losses = train(model_cfg, trainer_cfg)
-    k = max(1, len(losses) // 10)
-    print(f"mean loss, first {k} steps: {sum(losses[:k]) / k:.3f}; last {k} steps: {sum(losses[-k:]) / k:.3f}")
-    return 0
+def build(cfg: RunConfig, device: torch.device) -> tuple[Transformer, AdamW, DataPipeline]:
+    torch.manual_seed(cfg.trainer.seed)
+    data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=0, dp_size=1)
+    check_vocab(data.vocab_size, cfg.model.vocab_size)
+    model = Transformer(cfg.model).to(device)
+    cast_for_compute(model, DTYPES[cfg.trainer.dtype])
+    attach_main_grads(model.parameters())
+    return model, AdamW(model.named_parameters(), cfg.optim), data
+
+
+def resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
+    if cfg.trainer.resume is None:
+        return None
+    if cfg.trainer.resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(cfg.trainer.resume).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"trainer.resume={cfg.trainer.resume}: no such checkpoint; give a checkpoint "
+                              "directory, a run directory, 'auto' or null")
+    return path
+
+
+def save(run_dir: Path, cfg: RunConfig, state: TrainState, model: Transformer, opt: AdamW, data: DataPipeline,
+         ema: EMA | None) -> Path:
+    tensors = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": rng_state()}
+    if ema is not None:
+        ema.wait()
+        tensors["ema"] = ema.state_dict()
+    meta = {"step": state.step, "tokens": state.tokens, "skipped_in_row": state.skipped_in_row,
+            "data": data.state_dict(), "config": cfg.to_dict(), "layout": layout()}
+    return save_checkpoint(run_dir, state.step, tensors, meta, keep=cfg.trainer.keep_checkpoints)
+
+
+def restore(path: Path, cfg: RunConfig, model: Transformer, opt: AdamW,
+            data: DataPipeline) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    """Load a checkpoint into the run; returns the loop state and the EMA tensors (None if not saved)."""
+    tensors, meta = load_checkpoint(path)
+    check_compatible(meta, cfg.model.to_dict(), layout())
+    model.load_state_dict(tensors["model"])
+    opt.load_state_dict(tensors["optim"])
+    data.load_state_dict(meta["data"])
+    set_rng_state(tensors["rng"])
+    state = TrainState(meta["step"], meta["tokens"], meta.get("skipped_in_row", 0))
+    return state, tensors.get("ema")
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+    losses = [model.loss(x.to(device), y.to(device)).main.item() for x, y in batches]
+    return sum(losses) / len(losses)
+
+
+def train_step(cfg: RunConfig, state: TrainState, model: Transformer, data: DataPipeline,
+               device: torch.device) -> dict[str, float]:
+    """Forward and backward over one global batch; returns the step's losses (gradients are left in .grad)."""
+    seqs = batch_size_at(cfg.optim, state.tokens, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size)
+    n_micro = seqs // cfg.trainer.micro_batch_size
+    mtp_lambda = mtp_lambda_at(cfg.optim, state.tokens)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for moe in moes:
+        moe.aux_loss_scale = 1.0 / n_micro  # the attached balance loss is averaged like the main loss
+    total = lm = mtp = aux = 0.0
+    for _ in range(n_micro):
+        tokens, labels = data.next_batch(cfg.trainer.micro_batch_size)
+        out = model.loss(tokens.to(device), labels.to(device), mtp_lambda=mtp_lambda)
+        (out.loss / n_micro).backward()
+        total += out.loss.item() / n_micro
+        lm += out.main.item() / n_micro
+        mtp += sum(x.item() for x in out.mtp) / max(1, len(out.mtp)) / n_micro
+        aux += sum(m.last_aux_loss.item() for m in moes if m.last_aux_loss is not None) / n_micro
+    return {"loss": total, "lm_loss": lm, "mtp_loss": mtp, "aux_loss": aux, "mtp_lambda": mtp_lambda,
+            "sequences": seqs, "tokens_in_step": seqs * cfg.data.seq_len}
+
+
+def train(cfg: RunConfig, run_dir: Path) -> TrainState:
+    """Run (or resume) the configured training in `run_dir`; returns the final state."""
+    ensure_writable(run_dir)
+    device = resolve_device(cfg.trainer.device)
+    model, opt, data = build(cfg, device)
+    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free")
+    state, ema_tensors = TrainState(), None
+    checkpoint = resume_from(cfg, run_dir)
+    if checkpoint is not None:
+        state, ema_tensors = restore(checkpoint, cfg, model, opt, data)
+        print(f"resumed from {checkpoint} at step {state.step}", flush=True)
+    # built after the restore, so that an EMA switched on at resume starts from the trained weights
+    ema = EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+    if ema is not None and ema_tensors is not None:
+        ema.load_state_dict(ema_tensors)
+    metrics = Metrics(run_dir, cfg.logging, cfg.trainer.max_steps, cfg.to_dict(), resume_step=state.step)
+    valid = data.valid_batches(cfg.trainer.eval_batches, cfg.trainer.micro_batch_size) if cfg.trainer.eval_every \
+        else []
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        while state.step < cfg.trainer.max_steps:
+            t0 = time.perf_counter()
+            record = train_step(cfg, state, model, data, device)
+            grad_norm = float(clip_grad_norm_(params, cfg.optim.grad_clip))
+            lr = lr_at(cfg.optim, state.step, state.tokens)
+            finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                balance = balancer.step(bias_gamma_at(cfg.optim, state.tokens))
+                opt.step(lr)
+                if ema is not None:
+                    ema.update(model)
+                state.skipped_in_row = 0
+            else:
+                balancer.discard()
+                state.skipped_in_row += 1
+                if state.skipped_in_row > cfg.trainer.max_skipped_steps:
+                    last = latest_checkpoint(run_dir)
+                    raise NonFiniteLossError(
+                        f"step {state.step + 1}: non-finite loss {record['loss']} (grad norm {grad_norm}); "
+                        f"stopped without saving. Last good checkpoint: {last or 'none'}. Resume from it with a "
+                        "lower optim.lr, or allow isolated spikes with trainer.max_skipped_steps=N")
+                balance = {"maxvio": float("nan"), "maxvio_layer": {}}
+            opt.zero_grad()
+            state.step += 1
+            state.tokens += record["tokens_in_step"]
+            dt = time.perf_counter() - t0
+            metrics.log_step({"step": state.step, "tokens": state.tokens, **record, "lr": lr, "grad_norm": grad_norm,
+                              "maxvio": balance["maxvio"], "maxvio_layer": balance["maxvio_layer"],
+                              "skipped": not finite, "step_time_s": dt,
+                              "tokens_per_s": record["tokens_in_step"] / dt})
+            if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
+                metrics.log_eval(state.step, {"val_loss": evaluate(model, valid, device)})
+            every = cfg.trainer.checkpoint_every
+            if (every and state.step % every == 0) or state.step == cfg.trainer.max_steps:
+                save(run_dir, cfg, state, model, opt, data, ema)
+    finally:
+        metrics.close()
+        if ema is not None:
+            ema.wait()
+    return state
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    if cfg.trainer.run_dir:
+        return Path(cfg.trainer.run_dir).expanduser()
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
+def hydra_main(raw: DictConfig) -> None:
+    try:
+        cfg = load_config(raw)
+        run_dir = run_dir_for(cfg)
+        print(f"run directory: {run_dir}", flush=True)
+        train(cfg, run_dir)
+    except (ConfigError, CheckpointError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    hydra_main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

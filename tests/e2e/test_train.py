@@ -1,0 +1,130 @@
+"""hai-train as a user runs it: the loop end to end, a resume after SIGKILL that is bitwise identical to an
+uninterrupted run, an ablation with one run directory per point, and the errors of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# a small model and corpus so that a run takes seconds
+FAST = ["model=tiny", "model.n_layers=2", "model.dim=64", "model.vocab_size=512", "model.n_routed_experts=8",
+        "model.n_group=4", "model.topk_group=2", "model.n_activated_experts=2", "model.inter_dim=128",
+        "model.moe_inter_dim=32", "data.vocab_size=512", "data.corpus_bytes=300000", "data.seq_len=64",
+        "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "trainer.eval_every=0",
+        "logging.log_every=1", "logging.plot=false", "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def hai_train(args: list[str], cache: Path, **kwargs) -> subprocess.CompletedProcess:
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) come before the overrides
+    cmd = [sys.executable, "-m", "trainer.train", *flags, *FAST, f"data.cache_dir={cache}",
+           *[a for a in args if not a.startswith("-")]]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r.get("split") == "train"}
+
+
+@pytest.mark.slow
+def test_run_writes_metrics_checkpoints_and_loss_falls(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    result = hai_train(["trainer.max_steps=12", "trainer.checkpoint_every=6", "trainer.eval_every=6",
+                        "logging.plot=true", "optim.lr=3e-3", f"trainer.run_dir={run}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for key in ("step", "tokens", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "maxvio",
+                "step_time_s", "tokens_per_s"):
+        assert key in train[0], key
+    assert any(r["split"] == "valid" and "val_loss" in r for r in records)
+    assert sum(r["loss"] for r in train[-3:]) < sum(r["loss"] for r in train[:3]) - 0.5
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000006", "step_00000012"]
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
+    steps = ["trainer.max_steps=8", "trainer.checkpoint_every=4"]
+    straight = tmp_path / "straight"
+    assert hai_train(steps + [f"trainer.run_dir={straight}"], cache_dir).returncode == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "trainer.train", *FAST, f"data.cache_dir={cache_dir}", *steps,
+           f"trainer.run_dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+    resumed = hai_train(steps + [f"trainer.run_dir={killed}"], cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert train_losses(killed) == train_losses(straight)  # exact float equality, every step
+
+
+@pytest.mark.slow
+def test_multirun_ablation_leaves_one_run_directory_per_point(tmp_path, cache_dir):
+    result = hai_train(["-m", "model.balance=aux_free,aux_loss", "trainer.max_steps=2",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(runs) == 2 and all((r / "metrics.jsonl").exists() for r in runs)
+    points = {line.strip("- \n") for r in runs for line in (r / ".hydra" / "overrides.yaml").read_text().splitlines()
+              if "model.balance" in line}
+    assert points == {"model.balance=aux_free", "model.balance=aux_loss"}
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    assert hai_train(["trainer.max_steps=3", f"trainer.run_dir={run}"], cache_dir).returncode == 0
+    # resume with a learning rate so large that the loss overflows
+    result = hai_train(["trainer.max_steps=8", "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+                        f"trainer.run_dir={run}"], cache_dir)
+    assert result.returncode == 2
+    assert "non-finite loss" in result.stderr and "step " in result.stderr
+    assert "step_00000003" in result.stderr  # the last good checkpoint is named and kept
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["+trainer.bogus=1"], "bogus"),  # unknown key (Hydra's struct mode catches keys without '+')
+    (["trainer.global_batch_size=6"], "trainer.global_batch_size"),
+    (["data.vocab_size=1024"], "model.vocab_size"),  # tokenizer vocabulary larger than the embedding
+    (["trainer.run_dir=/proc/hai-llm-not-writable"], "/proc/hai-llm-not-writable"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, cache_dir, args, words):
+    result = hai_train(["trainer.max_steps=1", f"trainer.run_dir={tmp_path / 'run'}", *args]
+                       if not any(a.startswith("trainer.run_dir") for a in args) else ["trainer.max_steps=1", *args],
+                       cache_dir)
+    assert result.returncode != 0
+    assert words in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_resume_from_another_model_is_refused(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    assert hai_train(["trainer.max_steps=1", f"trainer.run_dir={run}"], cache_dir).returncode == 0
+    result = hai_train(["trainer.max_steps=2", "model.dim=96", f"trainer.run_dir={run}"], cache_dir)
+    assert result.returncode == 2
+    assert "dim" in result.stderr and "64" in result.stderr and "96" in result.stderr

@@ -1,0 +1,225 @@
+"""Training metrics: one JSON line per step in `<run_dir>/metrics.jsonl`, a compact console line, optional
+Weights & Biases (offline unless asked), GPU memory and utilisation from NVML, and loss.png at the end.
+
+Records are written as given plus `"split": "train"` (or `"valid"` for `log_eval`); non-finite numbers
+become JSON null so that every line is standard JSON. A resumed run first drops the records written after
+its checkpoint, so the file reads as one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+ETA_WINDOW = 20  # step times averaged for the ETA
+
+
+class Metrics:
+    """Sink for a run's step and evaluation records (see the module docstring)."""
+
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, run_config: dict,
+                 resume_step: int = 0) -> None:
+        """`resume_step` is the step of the checkpoint the run resumes from (0 for a fresh run): records of
+        later steps, left by the interrupted run, are removed from metrics.jsonl."""
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.path = self.run_dir / METRICS_FILE
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.path, resume_step)
+        self._file = open(self.path, "a")
+        self._step_times: deque[float] = deque(maxlen=ETA_WINDOW)
+        self._gpu = GpuMonitor.create()
+        self._wandb = _start_wandb(cfg, self.run_dir, run_config) if cfg.wandb else None
+        self._closed = False
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """One training step: `step, tokens, loss, lm_loss, mtp_loss, aux_loss, lr, grad_norm, maxvio,
+        step_time_s, tokens_per_s` and any extra keys (e.g. `maxvio_layer`, `skipped`)."""
+        record = {"split": "train", **record, **(self._gpu.read() if self._gpu else {})}
+        self._write(record)
+        self._step_times.append(record["step_time_s"])
+        step = record["step"]
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            print(self._progress_line(record), flush=True)
+
+    def log_eval(self, step: int, record: dict[str, Any]) -> None:
+        """A validation result at `step`, e.g. {"val_loss": 3.2}."""
+        record = {"step": step, "split": "valid", **record}
+        self._write(record)
+        values = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
+        print(f"step {step}/{self.total_steps} | {values}", flush=True)
+
+    def close(self) -> Path | None:
+        """Finish W&B, close the file and, with `logging.plot`, write loss.png; returns its path (or None)."""
+        if self._closed:
+            return None
+        self._closed = True
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        return plot_losses(self.path, self.run_dir / PLOT_FILE) if self.cfg.plot else None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        record = _jsonable(record)
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(_flat_numbers(record), step=record["step"])
+
+    def _progress_line(self, r: dict[str, Any]) -> str:
+        eta = sum(self._step_times) / len(self._step_times) * (self.total_steps - r["step"])
+        parts = [f"step {r['step']}/{self.total_steps}", f"loss {_fmt(r['loss'])}", f"lr {r['lr']:.2e}",
+                 f"{r['tokens_per_s']:,.0f} tok/s", f"maxvio {_fmt(r['maxvio'])}"]
+        if "gpu_mem_gb" in r:
+            parts.append(f"gpu {r['gpu_mem_gb']:.1f} GB {r['gpu_util']:.0f}%")
+        if r.get("skipped"):
+            parts.append("SKIPPED (non-finite)")
+        parts.append(f"ETA {_duration(eta)}")
+        return " | ".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return "-" if value is None else str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors to numbers or lists, non-finite floats to None."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a record, nested keys joined by '/' (W&B plots scalars, not lists)."""
+    out: dict[str, float] = {}
+    items = record.items() if isinstance(record, dict) else enumerate(record)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, list)):
+            out.update(_flat_numbers(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and name != "step":
+            out[name] = float(value)
+    return out
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records with a step past `step` (and a torn last line) from a previous run of this directory."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_config: dict) -> Any:
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError("logging.wandb=true but wandb is not installed; `pip install wandb` or set "
+                          "logging.wandb=false") from err
+    return wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=str(run_dir), config=run_config)
+
+
+class GpuMonitor:
+    """Memory in use and utilisation of the training GPU, read through NVML (nvidia-ml-py)."""
+
+    def __init__(self, nvml: Any, handle: Any) -> None:
+        self.nvml = nvml
+        self.handle = handle
+
+    @classmethod
+    def create(cls) -> GpuMonitor | None:
+        """A monitor of torch's current CUDA device, or None (quietly) without CUDA, NVML or a driver."""
+        if not torch.cuda.is_available():
+            return None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            uuid = str(getattr(props, "uuid", ""))
+            if uuid:  # NVML counts devices without CUDA_VISIBLE_DEVICES, so match by UUID
+                handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            return cls(pynvml, handle)
+        except Exception:  # ImportError, NVMLError (no driver, no permission): GPU metrics are optional
+            return None
+
+    def read(self) -> dict[str, float]:
+        try:
+            memory = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+        except Exception:
+            return {}
+        return {"gpu_mem_gb": memory.used / 2**30, "gpu_util": float(util.gpu)}
+
+
+def plot_losses(metrics_file: Path, out: Path) -> Path | None:
+    """loss.png: training (and MTP) loss per step and validation loss points; None without training records."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI, safe off the main thread
+    from matplotlib.ticker import ScalarFormatter
+
+    train, valid = [], []
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        (valid if record.get("split") == "valid" else train).append(record)
+    if not train:
+        return None
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.subplots()
+    shown: list[float] = []
+    for key, label, style in (("loss", "train loss", "-"), ("mtp_loss", "MTP loss", "--")):
+        points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float)) and r[key] > 0]
+        if points:  # a run without MTP logs mtp_loss 0, which is left out
+            ax.plot(*zip(*points), style, label=label, linewidth=1)
+            shown += [v for _, v in points]
+    points = [(r["step"], r["val_loss"]) for r in valid if isinstance(r.get("val_loss"), (int, float))]
+    if points:
+        ax.plot(*zip(*points), "o", label="validation loss", markersize=4)
+        shown += [v for _, v in points]
+    if shown and min(shown) > 0 and max(shown) / min(shown) > 4:  # a falling curve spanning decades
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    return out
+
