@@ -79,7 +79,8 @@ class Metrics:
 
     def _progress_line(self, r: dict[str, Any]) -> str:
         eta = sum(self._step_times) / len(self._step_times) * (self.total_steps - r["step"])
-        parts = [f"step {r['step']}/{self.total_steps}", f"loss {_fmt(r['loss'])}", f"lr {r['lr']:.2e}",
+        loss = r.get("lm_loss", r["loss"])  # next-token loss, comparable with val_loss
+        parts = [f"step {r['step']}/{self.total_steps}", f"loss {_fmt(loss)}", f"lr {r['lr']:.2e}",
                  f"{r['tokens_per_s']:,.0f} tok/s", f"maxvio {_fmt(r['maxvio'])}"]
         if "gpu_mem_gb" in r:
             parts.append(f"gpu {r['gpu_mem_gb']:.1f} GB {r['gpu_util']:.0f}%")
@@ -202,7 +203,7 @@ def plot_losses(metrics_file: Path, out: Path) -> Path | None:
     fig = Figure(figsize=(7, 4), dpi=120)
     ax = fig.subplots()
     shown: list[float] = []
-    for key, label, style in (("loss", "train loss", "-"), ("mtp_loss", "MTP loss", "--")):
+    for key, label, style in (("lm_loss", "train loss (next token)", "-"), ("mtp_loss", "MTP loss", "--")):
         points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float)) and r[key] > 0]
         if points:  # a run without MTP logs mtp_loss 0, which is left out
             ax.plot(*zip(*points), style, label=label, linewidth=1)
