@@ -1,29 +1,64 @@
-"""ParallelConfig: the process grid (paper 3.2: PP x EP x ZeRO-1 DP). Mirrored by configs/parallel/*.yaml."""
+"""ParallelConfig: the process grid (paper 3.2: PP x EP x ZeRO-1 DP). Mirrored by configs/parallel/*.yaml.
+
+DP is the world size divided by PP; EP divides DP; `gpus_per_node` groups ranks into (simulated) nodes.
+Every rule is checked before any process group is built, with the numbers and the fix in the message.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.config import ConfigError
+from model.config import ConfigError, ModelConfig
+
+DISPATCH_MODES = ("flat", "hierarchical")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 @dataclass
 class ParallelConfig:
-    pp: int = 1  # pipeline-parallel stages
-    ep: int = 1  # expert-parallel ranks (inside the data-parallel group)
+    pp: int = 1  # pipeline-parallel stages (DP = world size / pp)
+    ep: int = 1  # expert-parallel ranks, contiguous inside the data-parallel group; divides DP
+    gpus_per_node: int = 8  # ranks per (simulated) node; node-limited routing uses the nodes of the EP group
+    dispatch: str = "flat"  # expert all-to-all: flat | hierarchical (across nodes once, then inside the node)
+    timeout_s: int = 120  # collective timeout in seconds: a failed rank ends the job within it
 
     def validate(self, world_size: int = 1) -> ParallelConfig:
-        for name in ("pp", "ep"):
+        for name in ("pp", "ep", "gpus_per_node", "timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dispatch not in DISPATCH_MODES:
+            raise ConfigError(f"parallel.dispatch: one of {DISPATCH_MODES}, got {self.dispatch!r}")
         if world_size % self.pp:
-            raise ConfigError(f"parallel.pp={self.pp} does not divide the world size {world_size}")
+            raise ConfigError(f"parallel.pp={self.pp} does not divide the world size {world_size}; "
+                              f"choose pp among {_divisors(world_size)}")
         dp = world_size // self.pp
         if dp % self.ep:
             raise ConfigError(f"parallel.ep={self.ep} does not divide the data-parallel size {dp} "
-                              f"(world {world_size} / pp {self.pp})")
-        if self.pp > 1 or self.ep > 1:
-            raise ConfigError(f"parallel.pp={self.pp}, parallel.ep={self.ep}: this build runs one process per "
-                              "data-parallel rank only (pipeline and expert parallelism are not built yet); "
-                              "set parallel.pp=1 parallel.ep=1")
+                              f"(world {world_size} / pp {self.pp}); choose ep among {_divisors(dp)}")
+        if world_size > self.gpus_per_node and world_size % self.gpus_per_node:
+            raise ConfigError(f"parallel.gpus_per_node={self.gpus_per_node} does not divide the world size "
+                              f"{world_size}; every node holds the same number of ranks")
+        if self.pp > 1:
+            raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not built yet (DualPipe is the next "
+                              "milestone); set parallel.pp=1")
         return self
+
+    def nodes_in_ep(self) -> int:
+        """Nodes spanned by one EP group (its ranks are contiguous)."""
+        return max(1, -(-self.ep // self.gpus_per_node))
+
+
+def check_model_layout(cfg: ParallelConfig, model: ModelConfig, world_size: int) -> None:
+    """The model must split over the grid: experts divisible by EP, and under node-limited routing across
+    several nodes, one router group per node of the EP group (paper 3.2: a token reaches at most M nodes)."""
+    if model.n_routed_experts % cfg.ep:
+        raise ConfigError(f"model.n_routed_experts={model.n_routed_experts} is not divisible by parallel.ep="
+                          f"{cfg.ep}; choose ep among {_divisors(model.n_routed_experts)}")
+    nodes = cfg.nodes_in_ep()
+    if cfg.ep > 1 and nodes > 1 and model.n_group != nodes:
+        raise ConfigError(f"model.n_group={model.n_group} must equal the {nodes} nodes spanned by the EP group "
+                          f"(parallel.ep={cfg.ep} / parallel.gpus_per_node={cfg.gpus_per_node}), so that each "
+                          f"expert group is one node; set model.n_group={nodes} (and model.topk_group <= {nodes})")

@@ -321,12 +321,13 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[s
             if key not in ignore and saved.get(key, missing) != current.get(key, missing)]
 
 
-def check_compatible(meta: dict, model_config: dict, layout: dict) -> None:
+def check_compatible(meta: dict, model_config: dict, layout: dict | None) -> None:
     """Raise CheckpointError unless the checkpoint was written by the same model and parallel layout.
 
     `model_config` is ModelConfig.to_dict(); every field counts except RUNTIME_ONLY_FIELDS, which change
     memory or speed but not the weights. `layout` is the process grid's degrees, e.g. {"pp": 1, "ep": 1,
-    "dp": 1}. The checkpoint's values come from meta["config"]["model"] and meta["layout"].
+    "dp": 1}, or None when the checkpoint is layout-independent (full tensors, loadable into any layout).
+    The checkpoint's values come from meta["config"]["model"] and meta["layout"].
     """
     fix = "start a new trainer.run_dir, or set trainer.resume=null to train from scratch"
     saved_model = (meta.get("config") or {}).get("model")
@@ -337,7 +338,7 @@ def check_compatible(meta: dict, model_config: dict, layout: dict) -> None:
     if diffs:
         raise CheckpointError("the checkpoint was written by another model: model." + "; model.".join(diffs)
                               + f". Resume with the checkpoint's model config, or {fix}")
-    diffs = _differences(meta.get("layout") or {}, layout)
+    diffs = [] if layout is None else _differences(meta.get("layout") or {}, layout)
     if diffs:
         raise CheckpointError("the checkpoint was written by another parallel layout: " + "; ".join(diffs)
                               + f". Resume with the checkpoint's layout, or {fix}")

@@ -19,6 +19,7 @@ One optimizer step (paper 4.2):
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from omegaconf import DictConfig
 from data.dataset import DataPipeline, build_data, check_vocab
 from model import ConfigError, Transformer
 from model.moe import Gate, MoE
+from parallel.config import check_model_layout
+from parallel.runtime import Runtime
 from trainer.balance import BiasBalancer
 from trainer.checkpoint import (
     CheckpointError,
@@ -80,18 +83,17 @@ def cast_for_compute(model: Transformer, dtype: torch.dtype) -> None:
                 p.data = p.data.to(dtype)
 
 
-def layout() -> dict[str, int]:
-    return {"pp": 1, "ep": 1, "dp": 1}
-
-
-def build(cfg: RunConfig, device: torch.device) -> tuple[Transformer, AdamW, DataPipeline]:
+def build(cfg: RunConfig, rt: Runtime, device: torch.device) -> tuple[Transformer, object, DataPipeline]:
+    """Data for this DP rank, the model (same seed everywhere, then parallelised), its optimizer."""
     torch.manual_seed(cfg.trainer.seed)
-    data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=0, dp_size=1)
+    data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=rt.dp_rank, dp_size=rt.dp)
     check_vocab(data.vocab_size, cfg.model.vocab_size)
-    model = Transformer(cfg.model).to(device)
+    model = Transformer(cfg.model)
+    rt.parallelize(model)
+    model.to(device)
     cast_for_compute(model, DTYPES[cfg.trainer.dtype])
     attach_main_grads(model.parameters())
-    return model, AdamW(model.named_parameters(), cfg.optim), data
+    return model, rt.optimizer(model, cfg.optim), data
 
 
 def resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
@@ -106,24 +108,28 @@ def resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def save(run_dir: Path, cfg: RunConfig, state: TrainState, model: Transformer, opt: AdamW, data: DataPipeline,
-         ema: EMA | None) -> Path:
-    tensors = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": rng_state()}
+def save(run_dir: Path, cfg: RunConfig, rt: Runtime, state: TrainState, model: Transformer, opt,
+         data: DataPipeline, ema: EMA | None) -> None:
+    """Every rank contributes its shards; rank 0 writes layout-independent full tensors."""
+    tensors = {"model": rt.full_model_state(model), "optim": rt.full_optim_state(opt), "rng": rng_state()}
     if ema is not None:
         ema.wait()
-        tensors["ema"] = ema.state_dict()
-    meta = {"step": state.step, "tokens": state.tokens, "skipped_in_row": state.skipped_in_row,
-            "data": data.state_dict(), "config": cfg.to_dict(), "layout": layout()}
-    return save_checkpoint(run_dir, state.step, tensors, meta, keep=cfg.trainer.keep_checkpoints)
+        tensors["ema"] = rt.full_state(ema.state_dict())
+    if rt.is_main:
+        meta = {"step": state.step, "tokens": state.tokens, "skipped_in_row": state.skipped_in_row,
+                "data": data.state_dict(), "config": cfg.to_dict(),
+                "layout": {"pp": cfg.parallel.pp, "ep": rt.ep, "dp": rt.dp}}
+        save_checkpoint(run_dir, state.step, tensors, meta, keep=cfg.trainer.keep_checkpoints)
+    rt.barrier()
 
 
-def restore(path: Path, cfg: RunConfig, model: Transformer, opt: AdamW,
+def restore(path: Path, cfg: RunConfig, rt: Runtime, model: Transformer, opt,
             data: DataPipeline) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
-    """Load a checkpoint into the run; returns the loop state and the EMA tensors (None if not saved)."""
+    """Load a checkpoint written with any (DP, EP) layout; returns the loop state and the full EMA tensors."""
     tensors, meta = load_checkpoint(path)
-    check_compatible(meta, cfg.model.to_dict(), layout())
-    model.load_state_dict(tensors["model"])
-    opt.load_state_dict(tensors["optim"])
+    check_compatible(meta, cfg.model.to_dict(), layout=None)
+    rt.load_model_state(model, tensors["model"])
+    rt.load_optim_state(opt, tensors["optim"])
     data.load_state_dict(meta["data"])
     set_rng_state(tensors["rng"])
     state = TrainState(meta["step"], meta["tokens"], meta.get("skipped_in_row", 0))
@@ -131,16 +137,19 @@ def restore(path: Path, cfg: RunConfig, model: Transformer, opt: AdamW,
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], rt: Runtime,
+             device: torch.device) -> float:
     losses = [model.loss(x.to(device), y.to(device)).main.item() for x, y in batches]
-    return sum(losses) / len(losses)
+    return rt.mean({"val": sum(losses) / len(losses)})["val"]
 
 
-def train_step(cfg: RunConfig, state: TrainState, model: Transformer, data: DataPipeline,
+def train_step(cfg: RunConfig, rt: Runtime, state: TrainState, model: Transformer, data: DataPipeline,
                device: torch.device) -> dict[str, float]:
-    """Forward and backward over one global batch; returns the step's losses (gradients are left in .grad)."""
-    seqs = batch_size_at(cfg.optim, state.tokens, cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size)
-    n_micro = seqs // cfg.trainer.micro_batch_size
+    """Forward and backward over this rank's part of one global batch; returns the step's DP-mean losses
+    (gradients are left in .grad / .main_grad)."""
+    per_pass = cfg.trainer.micro_batch_size * rt.dp  # sequences of one micro-batch on every DP rank
+    seqs = batch_size_at(cfg.optim, state.tokens, cfg.trainer.global_batch_size, per_pass)
+    n_micro = seqs // per_pass
     mtp_lambda = mtp_lambda_at(cfg.optim, state.tokens)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in moes:
@@ -154,39 +163,68 @@ def train_step(cfg: RunConfig, state: TrainState, model: Transformer, data: Data
         lm += out.main.item() / n_micro
         mtp += sum(x.item() for x in out.mtp) / max(1, len(out.mtp)) / n_micro
         aux += sum(m.last_aux_loss.item() for m in moes if m.last_aux_loss is not None) / n_micro
-    return {"loss": total, "lm_loss": lm, "mtp_loss": mtp, "aux_loss": aux, "mtp_lambda": mtp_lambda,
-            "sequences": seqs, "tokens_in_step": seqs * cfg.data.seq_len}
+    losses = rt.mean({"loss": total, "lm_loss": lm, "mtp_loss": mtp, "aux_loss": aux})
+    return {**losses, "mtp_lambda": mtp_lambda, "sequences": seqs, "tokens_in_step": seqs * cfg.data.seq_len}
 
 
-def train(cfg: RunConfig, run_dir: Path) -> TrainState:
-    """Run (or resume) the configured training in `run_dir`; returns the final state."""
+def clip_and_step(opt, params: list[torch.Tensor], lr: float, max_norm: float, update: bool) -> float:
+    """The global gradient norm (before clipping); when `update` and the norm is finite, clip and step."""
+    if isinstance(opt, AdamW):
+        norm = float(clip_grad_norm_(params, max_norm))
+        if update and math.isfinite(norm):
+            opt.step(lr)
+        return norm
+    norm = float(opt.grad_norm())  # ZeRO-1: reduce-scatter, then the norm from the shards
+    if update and math.isfinite(norm):
+        opt.step(lr, max_norm)
+    return norm
+
+
+class _Quiet:
+    """Metrics of the ranks other than 0: nothing is printed or written."""
+
+    def log_step(self, record: dict) -> None: ...
+
+    def log_eval(self, step: int, record: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def train(cfg: RunConfig, run_dir: Path, rt: Runtime | None = None) -> TrainState:
+    """Run (or resume) the configured training in `run_dir` on this process's rank; returns the final state."""
+    rt = rt or Runtime.start(cfg.parallel)
+    cfg.validate(rt.world_size)
+    check_model_layout(cfg.parallel, cfg.model, rt.world_size)
     ensure_writable(run_dir)
     device = resolve_device(cfg.trainer.device)
-    model, opt, data = build(cfg, device)
-    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free")
+    model, opt, data = build(cfg, rt, device)
+    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=rt.dp_group)
     state, ema_tensors = TrainState(), None
     checkpoint = resume_from(cfg, run_dir)
     if checkpoint is not None:
-        state, ema_tensors = restore(checkpoint, cfg, model, opt, data)
-        print(f"resumed from {checkpoint} at step {state.step}", flush=True)
+        state, ema_tensors = restore(checkpoint, cfg, rt, model, opt, data)
+        if rt.is_main:
+            print(f"resumed from {checkpoint} at step {state.step}", flush=True)
     # built after the restore, so that an EMA switched on at resume starts from the trained weights
     ema = EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
     if ema is not None and ema_tensors is not None:
-        ema.load_state_dict(ema_tensors)
-    metrics = Metrics(run_dir, cfg.logging, cfg.trainer.max_steps, cfg.to_dict(), resume_step=state.step)
+        ema.load_state_dict(rt.local_state(ema_tensors))
+    metrics = Metrics(run_dir, cfg.logging, cfg.trainer.max_steps, cfg.to_dict(), resume_step=state.step) \
+        if rt.is_main else _Quiet()
     valid = data.valid_batches(cfg.trainer.eval_batches, cfg.trainer.micro_batch_size) if cfg.trainer.eval_every \
         else []
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         while state.step < cfg.trainer.max_steps:
             t0 = time.perf_counter()
-            record = train_step(cfg, state, model, data, device)
-            grad_norm = float(clip_grad_norm_(params, cfg.optim.grad_clip))
+            record = train_step(cfg, rt, state, model, data, device)
             lr = lr_at(cfg.optim, state.step, state.tokens)
-            finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+            loss_finite = math.isfinite(record["loss"])  # the same on every rank (a DP mean)
+            grad_norm = clip_and_step(opt, params, lr, cfg.optim.grad_clip, update=loss_finite)
+            finite = loss_finite and math.isfinite(grad_norm)
             if finite:
+                # the bias update uses this step's loads and changes routing from the next step on (paper 2.1.2)
                 balance = balancer.step(bias_gamma_at(cfg.optim, state.tokens))
-                opt.step(lr)
                 if ema is not None:
                     ema.update(model)
                 state.skipped_in_row = 0
@@ -204,15 +242,16 @@ def train(cfg: RunConfig, run_dir: Path) -> TrainState:
             state.step += 1
             state.tokens += record["tokens_in_step"]
             dt = time.perf_counter() - t0
+            times = rt.gather(dt)
             metrics.log_step({"step": state.step, "tokens": state.tokens, **record, "lr": lr, "grad_norm": grad_norm,
                               "maxvio": balance["maxvio"], "maxvio_layer": balance["maxvio_layer"],
-                              "skipped": not finite, "step_time_s": dt,
-                              "tokens_per_s": record["tokens_in_step"] / dt})
+                              "skipped": not finite, "step_time_s": max(times), "step_time_rank_s": times,
+                              "tokens_per_s": record["tokens_in_step"] / max(times), **rt.dispatch_stats()})
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
-                metrics.log_eval(state.step, {"val_loss": evaluate(model, valid, device)})
+                metrics.log_eval(state.step, {"val_loss": evaluate(model, valid, rt, device)})
             every = cfg.trainer.checkpoint_every
             if (every and state.step % every == 0) or state.step == cfg.trainer.max_steps:
-                save(run_dir, cfg, state, model, opt, data, ema)
+                save(run_dir, cfg, rt, state, model, opt, data, ema)
     finally:
         metrics.close()
         if ema is not None:
@@ -229,12 +268,15 @@ def run_dir_for(cfg: RunConfig) -> Path:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def hydra_main(raw: DictConfig) -> None:
     try:
-        cfg = load_config(raw)
-        run_dir = run_dir_for(cfg)
-        print(f"run directory: {run_dir}", flush=True)
-        train(cfg, run_dir)
+        cfg = load_config(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        rt = Runtime.start(cfg.parallel)
+        run_dir = rt.broadcast(run_dir_for(cfg))  # rank 0's: Hydra's timestamps may differ between ranks
+        if rt.is_main:
+            print(f"run directory: {run_dir}\nlayout: {rt.describe()}", flush=True)
+        train(cfg, run_dir, rt)
     except (ConfigError, CheckpointError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

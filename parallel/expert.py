@@ -1,0 +1,292 @@
+"""Expert parallelism: the all-to-all token dispatcher and combiner (paper 3.2, "cross-node all-to-all").
+
+`ExpertParallelDispatcher` has `model.moe.LocalDispatcher`'s interface, so a MoE layer does not know whether
+its experts are local. The EP group's rank r owns the contiguous global experts [r E/EP, (r+1) E/EP).
+
+Semantics (DeepEP's normal mode, on `torch.distributed.all_to_all_single`):
+- dispatch sends one row per (token, destination rank), however many of the token's K experts live there.
+  A rank receives its rows grouped by source rank in rank order, within a source in token order, with
+  per-row local expert ids ([R, K], -1 where that slot's expert lives elsewhere) and weights ([R, K] fp32,
+  0 where -1). Per-destination row counts are exchanged first, then the metadata (ids, weights, source
+  rank and token, as int32), then the payload with uneven splits.
+- combine sends each row's expert output (already weighted and summed over the rank's slots by
+  `RoutedExperts`) back along the reverse path and sums the rows of every token, unweighted.
+- autograd: dispatch backward is a combine of the row gradients (to h) plus the gradient of the row weights
+  sent back to their (token, slot), so the gate keeps learning; combine backward is a dispatch of the
+  output gradients reusing the saved layout.
+- hierarchical mode (the paper's IB + NVLink scheme): stage 1 sends a token once to every destination node
+  that holds any of its experts, to the rank with the sender's local index in that node (the only
+  cross-node traffic); stage 2 forwards it inside the node to the ranks holding the experts. The final
+  rows, ids and weights are the flat mode's (rows are reordered by (source rank, source token)); combine
+  sums inside the node first and crosses nodes once per (token, node). Results equal flat mode up to float
+  summation order. Node = EP-group rank // gpus_per_node.
+
+The dispatch-direction payload (forward dispatch and combine backward) goes through the overridable
+`pack(rows) -> list[Tensor]` / `unpack(tensors) -> rows` hook, so that FP8 rows (uint8 view + scales) can
+travel; relays forward packed rows without unpacking. The combine direction sends plain tensors.
+`dispatch_async` / `combine_async` return a `CommHandle` whose `wait()` finishes the exchange: the caller
+can compute while the payload is in flight (gloo runs it on its own threads). The count and metadata
+exchanges of a dispatch are synchronous and small.
+
+`stats()` returns and resets totals since its last call: dispatch calls, rows received, tokens dispatched
+and payload bytes sent to ranks on other nodes (forward dispatches only), for cross-node bytes per token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+Works = list  # list of torch.distributed Work objects in flight
+Flow = Generator[Works, None, list[torch.Tensor]]
+
+
+@dataclass
+class Stage:
+    """One all-to-all: send row i is row `index[i]` of the previous level (tokens for the first stage)."""
+
+    index: torch.Tensor  # (S,) int64
+    send: list[int]  # rows to each EP rank (sum S)
+    recv: list[int]  # rows from each EP rank
+    n_in: int  # rows at the previous level
+    cross_node_rows: int  # rows of `send` that go to ranks on other nodes
+
+
+@dataclass
+class DispatchLayout:
+    """What combine (and both backwards) need to retrace a dispatch; opaque to the model."""
+
+    n_tokens: int
+    stages: list[Stage]
+    perm: torch.Tensor | None  # (R,) final rows = last stage's arrivals[perm]; None = arrival order
+    local_ids: torch.Tensor  # (R, K) int64, -1 = expert not on this rank
+    row_weights: torch.Tensor  # (R, K) fp32, 0 where local_ids == -1
+    src_rank: torch.Tensor  # (R,) EP rank the row's token came from
+    src_token: torch.Tensor  # (R,) the token's index on its source rank
+
+
+class CommHandle:
+    """An exchange in flight; `wait()` completes it (driving any later stage) and returns the result."""
+
+    def __init__(self, flow: Flow, finish: Callable[[list[torch.Tensor]], object]) -> None:
+        self._flow, self._finish = flow, finish
+        self._works = next(flow)  # launches the first stage now
+        self._done, self._result = False, None
+
+    def wait(self):
+        if not self._done:
+            while True:
+                for work in self._works:
+                    work.wait()
+                try:
+                    self._works = self._flow.send(None)
+                except StopIteration as stop:
+                    self._result = self._finish(stop.value)
+                    break
+            self._done, self._flow, self._works = True, None, []
+        return self._result
+
+
+class _Dispatch(torch.autograd.Function):
+    """(h, weights) -> (rows, row_weights); the exchange already ran, its results arrive in `box`."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weights: torch.Tensor, box: tuple):
+        disp, layout, rows, row_weights = box
+        ctx.disp, ctx.layout, ctx.dtypes = disp, layout, (h.dtype, weights.dtype)
+        return rows, row_weights
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor, grad_row_weights: torch.Tensor):
+        layout = ctx.layout
+        grad_row_weights = grad_row_weights.float().masked_fill(layout.local_ids < 0, 0.0)  # (R, K)
+        grad_h, grad_w = ctx.disp._run(ctx.disp._combine_flow(layout, [grad_rows, grad_row_weights]))
+        return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None
+
+
+class _Combine(torch.autograd.Function):
+    """y [R, dim] -> out [N, dim]; the exchange already ran, its result arrives in `box`."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, box: tuple):
+        disp, layout, out = box
+        ctx.disp, ctx.layout, ctx.dtype = disp, layout, y.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        disp = ctx.disp
+        rows = disp.unpack(disp._run(disp._dispatch_flow(ctx.layout, disp.pack(grad.contiguous()))))
+        return rows.to(ctx.dtype), None
+
+
+class ExpertParallelDispatcher:
+    """All-to-all dispatch/combine over an EP process group (see the module docstring)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, n_experts: int, gpus_per_node: int = 8,
+                 hierarchical: bool = False) -> None:
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if n_experts % self.ep:
+            raise ValueError(f"{n_experts} experts do not divide over an EP group of {self.ep}")
+        self.n_experts, self.per_rank = n_experts, n_experts // self.ep
+        self.gpus_per_node = min(gpus_per_node, self.ep)
+        if self.ep % self.gpus_per_node:
+            raise ValueError(f"EP group of {self.ep} is not a whole number of nodes of {gpus_per_node} ranks")
+        self.n_nodes = self.ep // self.gpus_per_node
+        self.node = self.rank // self.gpus_per_node
+        self.hierarchical = hierarchical
+        self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0)
+
+    # ---- payload hook -------------------------------------------------------------------------------------
+    def pack(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Rows [N, dim] -> tensors that travel; each must have the rows as dim 0 (relays select rows)."""
+        return [rows]
+
+    def unpack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `pack` on the received rows."""
+        return tensors[0]
+
+    # ---- public interface ---------------------------------------------------------------------------------
+    def dispatch(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
+        """h [N, dim], idx [N, K] global expert ids, weights [N, K] -> (rows [R, dim], local ids [R, K],
+        row weights [R, K] fp32, layout)."""
+        return self.dispatch_async(h, idx, weights).wait()
+
+    def combine(self, y: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
+        """y [R, dim] (expert outputs per received row) -> [N, dim] summed per source token."""
+        return self.combine_async(y, layout).wait()
+
+    def dispatch_async(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> CommHandle:
+        """Exchange counts and metadata now, start the payload; `wait()` returns what `dispatch` does."""
+        layout = self._plan(idx, weights)
+        packed = [t.contiguous() for t in self.pack(h.detach())]
+        row_bytes = sum(t.element_size() * math.prod(t.shape[1:]) for t in packed)
+        cross_rows = sum(s.cross_node_rows for s in layout.stages)
+        self._stats["dispatches"] += 1
+        self._stats["dispatch_rows"] += layout.local_ids.shape[0]
+        self._stats["tokens"] += layout.n_tokens
+        self._stats["cross_node_bytes"] += cross_rows * row_bytes
+
+        def finish(tensors: list[torch.Tensor]):
+            rows = self.unpack(tensors)
+            rows, row_weights = _Dispatch.apply(h, weights, (self, layout, rows, layout.row_weights.clone()))
+            return rows, layout.local_ids, row_weights, layout
+
+        return CommHandle(self._dispatch_flow(layout, packed), finish)
+
+    def combine_async(self, y: torch.Tensor, layout: DispatchLayout) -> CommHandle:
+        """Start sending y back; `wait()` returns what `combine` does."""
+        def finish(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return _Combine.apply(y, (self, layout, tensors[0].to(y.dtype)))
+
+        return CommHandle(self._combine_flow(layout, [y.detach()]), finish)
+
+    def stats(self) -> dict[str, int]:
+        """Totals since the last call (then reset): dispatches, dispatch_rows, tokens, cross_node_bytes."""
+        out = dict(self._stats)
+        self._stats = dict.fromkeys(out, 0)
+        return out
+
+    # ---- layout (counts + metadata) -----------------------------------------------------------------------
+    def _plan(self, idx: torch.Tensor, weights: torch.Tensor) -> DispatchLayout:
+        n, k = idx.shape
+        idx = idx.long()
+        w_bits = weights.detach().float().contiguous().view(torch.int32)  # (N, K) fp32 bits
+        tok = torch.arange(n, dtype=torch.int32)
+        src = torch.stack([torch.full((n,), self.rank, dtype=torch.int32), tok], 1)  # (N, 2) source rank, token
+        if self.hierarchical:
+            # stage 1: one row per (token, destination node), to the rank with our local index there
+            per_node = self.per_rank * self.gpus_per_node
+            node_of = idx // per_node  # (N, K)
+            node, tok1 = _pairs(node_of, self.n_nodes)  # (S1,) sorted by node, then token
+            here = node_of[tok1] == node[:, None]  # (S1, K)
+            meta = torch.cat([torch.where(here, idx[tok1], -1).int(), w_bits[tok1].masked_fill(~here, 0),
+                              src[tok1]], 1)  # (S1, 2K+2): global ids, weight bits, source
+            stage1, meta = self._exchange(tok1, node * self.gpus_per_node + self.rank % self.gpus_per_node,
+                                          meta, n)
+            # stage 2 (inside the node): one row per (received row, rank holding any of its experts)
+            gid = meta[:, :k].long()  # (R1, K), -1 = expert on another node
+            stages = [stage1]
+            dest_of = torch.where(gid >= 0, gid // self.per_rank, self.ep)  # (R1, K), ep = nowhere
+            ids, row_w, src = gid, meta[:, k:2 * k], meta[:, 2 * k:]
+            n_in = meta.shape[0]
+        else:
+            dest_of, ids, row_w, n_in, stages = idx // self.per_rank, idx, w_bits, n, []
+        dest, row = _pairs(dest_of, self.ep)  # (S,) sorted by destination rank, then row
+        here = dest_of[row] == dest[:, None]  # (S, K)
+        local = torch.where(here, ids[row] - dest[:, None] * self.per_rank, -1).int()
+        meta = torch.cat([local, row_w[row].masked_fill(~here, 0), src[row]], 1)  # (S, 2K+2)
+        stage, meta = self._exchange(row, dest, meta, n_in)
+        stages.append(stage)
+        src_rank, src_token = meta[:, 2 * k].long(), meta[:, 2 * k + 1].long()  # (R,)
+        perm = None
+        if self.hierarchical:  # arrivals are grouped by relay: restore (source rank, token) order
+            perm = torch.argsort(src_rank * (1 << 32) + src_token)
+            meta, src_rank, src_token = meta[perm], src_rank[perm], src_token[perm]
+        return DispatchLayout(n_tokens=n, stages=stages, perm=perm, local_ids=meta[:, :k].long(),
+                              row_weights=meta[:, k:2 * k].contiguous().view(torch.float32),
+                              src_rank=src_rank, src_token=src_token)
+
+    def _exchange(self, index: torch.Tensor, dest: torch.Tensor, meta: torch.Tensor, n_in: int
+                  ) -> tuple[Stage, torch.Tensor]:
+        """Count exchange, then metadata exchange, for send rows `index` going to ranks `dest` (sorted)."""
+        send = torch.bincount(dest, minlength=self.ep)  # (ep,)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        send_l, recv_l = send.tolist(), recv.tolist()
+        meta_in = meta.new_empty((sum(recv_l), meta.shape[1]))
+        dist.all_to_all_single(meta_in, meta.contiguous(), recv_l, send_l, group=self.group)
+        cross = sum(c for r, c in enumerate(send_l) if r // self.gpus_per_node != self.node)
+        return Stage(index=index, send=send_l, recv=recv_l, n_in=n_in, cross_node_rows=cross), meta_in
+
+    # ---- payload flows (generators yielding the works in flight of each stage) ----------------------------
+    def _a2a(self, tensors: list[torch.Tensor], send: list[int], recv: list[int]):
+        outs, works = [], []
+        for t in tensors:
+            out = t.new_empty((sum(recv), *t.shape[1:]))
+            works.append(dist.all_to_all_single(out, t.contiguous(), recv, send, group=self.group, async_op=True))
+            outs.append(out)
+        return outs, works
+
+    def _dispatch_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor]) -> Flow:
+        """Per-token tensors [N, ...] -> per-row tensors [R, ...] (forward stage by stage)."""
+        for stage in layout.stages:
+            tensors, works = self._a2a([t.index_select(0, stage.index) for t in tensors], stage.send, stage.recv)
+            yield works
+        if layout.perm is not None:
+            tensors = [t.index_select(0, layout.perm) for t in tensors]
+        return tensors
+
+    def _combine_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor]) -> Flow:
+        """Per-row tensors [R, ...] -> per-token fp32 sums [N, ...] (stages reversed, relays sum first)."""
+        dtypes = [t.dtype for t in tensors]
+        if layout.perm is not None:  # back to the last stage's arrival order
+            tensors = [torch.empty_like(t).index_copy_(0, layout.perm, t) for t in tensors]
+        for i, stage in enumerate(reversed(layout.stages)):
+            tensors, works = self._a2a(tensors, stage.recv, stage.send)
+            yield works
+            last = i == len(layout.stages) - 1
+            tensors = [torch.zeros((stage.n_in, *t.shape[1:]), dtype=torch.float32)
+                       .index_add_(0, stage.index, t.float()).to(torch.float32 if last else dt)
+                       for t, dt in zip(tensors, dtypes)]  # relays send partial sums in the payload dtype
+        return tensors
+
+    @staticmethod
+    def _run(flow: Flow) -> list[torch.Tensor]:
+        return CommHandle(flow, lambda tensors: tensors).wait()
+
+
+def _pairs(target: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """target [M, K] (values >= n_targets mean none) -> (target, row) of every distinct (row, target) pair,
+    sorted by target, then row."""
+    m = target.shape[0]
+    hit = torch.zeros(m, n_targets + 1, dtype=torch.bool)
+    hit.scatter_(1, target.clamp(max=n_targets), True)  # (M, T+1)
+    t, row = hit[:, :n_targets].t().nonzero(as_tuple=True)
+    return t, row

@@ -1,0 +1,440 @@
+"""ZeRO-1 distributed optimizer (paper 3.2, "ZeRO-1 data parallel"), after Megatron's distributed optimizer.
+
+What is sharded: the optimizer state only. Every data-parallel rank keeps the full model and computes full
+gradients; the fp32 master weights and the AdamW moments are split across the ranks, so each rank holds about
+1/DP of them (paper 3.3 "Storage": fp32 masters, bf16 or fp32 moments).
+
+Layout (Megatron conventions, /work/shared/notes/references.md):
+- Parameters are bucketed into flat buffers per (parameter dtype, expert or dense). A buffer is padded to a
+  multiple of its group's size and every rank of the group owns one contiguous shard of it, ignoring parameter
+  boundaries. Dense buffers are sharded over the data-parallel group (DP ranks), routed-expert buffers over the
+  expert-data-parallel group (the ranks that hold the same experts: DP / EP of them, strided in rank order).
+- Each shard keeps an fp32 master copy of its slice of the parameters and the two moments in
+  `cfg.moment_dtype`, and the list of (start, end, weight decay) runs that tell which elements are matrices
+  (decayed) and which are vectors (not), the rule of `trainer.optim.AdamW`.
+
+One step:
+1. the gradients (`trainer.optim.grad_of`: the fp32 `main_grad` when present) are copied into a transient fp32
+   flat buffer and reduce-scattered (`reduce_scatter_single`, torch 2.13's name for reduce_scatter_tensor; gloo
+   runs it for fp32 and bf16, as it does all_gather_single): each rank receives the summed gradient of its own
+   shard. The reduction is done in fp32, not in the parameter dtype: the paper keeps weight gradients in fp32
+   (3.3), and a bf16 reduce-scatter would round every partial sum to 8 significant bits. The buffer is freed
+   right after.
+2. the global gradient norm is computed from the reduced shards and the shards are clipped;
+3. `trainer.optim.adamw_update` runs on the fp32 master shards (it is elementwise, so flat slices are fine);
+4. the updated shards are rounded to the parameter dtype and all-gathered back into the parameters.
+
+Gradient averaging. The trainer's loss on rank r, L_r, is the mean over its local micro-batches; the global
+objective is L = (1/DP) sum_r L_r. A dense weight is replicated, so dL/dw = (1/DP) sum_r dL_r/dw: pre-scale by
+1/DP and sum over the DP group. A routed expert lives on one EP rank of each EP group; through the all-to-all its
+gradient there already is sum_{r in that EP group} dL_r/dw. Its replicas (the expert-DP group) sit in the other
+EP groups, which together cover every rank once, so the sum over expert-DP is sum_{all r} dL_r/dw, and dL/dw is
+that sum times 1/DP, not 1/expert-DP size. Both buffers are therefore pre-scaled by 1/DP (experts additionally by
+`grad_scale_expert`) and summed over their own group.
+
+Gradient norm. Dense shards partition the dense buffers over DP; expert shards partition each EP rank's expert
+buffer over its expert-DP group, and different EP ranks hold different experts, so the expert shards of all
+EP x expert-DP = DP ranks partition all experts. Hence one all-reduce SUM of the local sum of squares over the DP
+group counts every element of the model exactly once (with pp = 1). Pipeline stages hold different layers, so
+with PP the sum also runs over `extra_group` (the pipeline group).
+
+Checkpoints. `full_state_dict` / `load_full_state_dict` use the keys of `trainer.optim.AdamW.state_dict`, so one
+file is written and read the same way by the single-process AdamW and by ZeRO with any DP size. Expert
+parameters are named and shaped as the model holds them: the LOCAL experts of this EP rank ([E/EP, ...]); the
+trainer assembles full expert tensors across EP with `parallel.apply.full_state` and cuts them back with
+`local_state`. `state_dict` / `load_state_dict` are the sharded form (each rank writes its pieces, tagged with
+their offsets in the flattened parameter) for resharding without gathering anything.
+
+A parameter whose gradient is None counts as a zero gradient (its moments still decay and weight decay applies),
+as in Megatron; `trainer.optim.AdamW` skips it instead. In training every trained parameter gets a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trainer.optim import MOMENT_DTYPES, OptimConfig, adamw_update, grad_norm_sq, grad_of
+
+
+@dataclass
+class _Group:
+    """A process group with its size and this rank's index; size 1 and no communication when `group` is None
+    and torch.distributed is not initialised (single-process training)."""
+
+    group: dist.ProcessGroup | None
+    size: int
+    rank: int
+
+    @staticmethod
+    def of(group: dist.ProcessGroup | None) -> _Group:
+        if group is None and not (dist.is_available() and dist.is_initialized()):
+            return _Group(None, 1, 0)
+        return _Group(group, dist.get_world_size(group), dist.get_rank(group))
+
+
+@dataclass
+class _Segment:
+    """The part of one parameter that lies in this rank's shard: shard elements [lo, hi) hold the flattened
+    parameter's elements [start, start + hi - lo)."""
+
+    name: str
+    lo: int
+    hi: int
+    start: int
+
+
+@dataclass
+class _Bucket:
+    """One flat buffer: the parameters of one (dtype, expert or dense) class and this rank's shard of it."""
+
+    dtype: torch.dtype
+    expert: bool
+    group: _Group
+    names: list[str]
+    offsets: list[int]  # start of each parameter in the flat buffer
+    numel: int  # parameter elements, padding excluded
+    shard_size: int
+    segments: list[_Segment] = field(default_factory=list)
+    runs: list[tuple[int, int, float]] = field(default_factory=list)  # (lo, hi, weight decay), padding excluded
+    master: Tensor = field(default_factory=lambda: torch.empty(0))
+    exp_avg: Tensor = field(default_factory=lambda: torch.empty(0))
+    exp_avg_sq: Tensor = field(default_factory=lambda: torch.empty(0))
+    step: int = 0
+    grad_shard: Tensor | None = None
+
+    @property
+    def shard_start(self) -> int:
+        return self.group.rank * self.shard_size
+
+    @property
+    def padded(self) -> int:
+        return self.shard_size * self.group.size
+
+
+class ZeroOptimizer:
+    """ZeRO-1 AdamW: fp32 master weights and moments sharded over data-parallel ranks (see the module docstring).
+
+    `dp_group`: the data-parallel group (None: the default group, or no communication when torch.distributed is
+    not initialised). `expert_dp_group`: the expert-data-parallel group of this rank (None: the same as
+    `dp_group`, i.e. EP = 1). `is_expert(name)` tells routed-expert parameters (`parallel.apply.is_expert_param`).
+    `grad_scale_expert` multiplies expert gradients on top of the 1/DP average (1.0 with the trainer's loss
+    convention). `extra_group`: a further group the gradient norm is summed over (the pipeline group with PP).
+    Every method that communicates (step, grad_norm, full_state_dict, the loads) must be called on all ranks.
+    """
+
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig,
+                 dp_group: dist.ProcessGroup | None, expert_dp_group: dist.ProcessGroup | None,
+                 is_expert: Callable[[str], bool], grad_scale_expert: float = 1.0,
+                 extra_group: dist.ProcessGroup | None = None) -> None:
+        self.cfg = cfg.validate()
+        self.dp = _Group.of(dp_group)
+        self.expert_dp = _Group.of(expert_dp_group) if expert_dp_group is not None else self.dp
+        self.extra = _Group.of(extra_group) if extra_group is not None else None
+        if self.dp.size % self.expert_dp.size:
+            raise ValueError(f"ZeroOptimizer: the expert-DP group size {self.expert_dp.size} must divide the DP "
+                             f"size {self.dp.size} (DP = EP x expert-DP)")
+        self.grad_scale_expert = grad_scale_expert
+        self.params: dict[str, nn.Parameter] = {}
+        owner: dict[int, str] = {}
+        classes: dict[tuple[torch.dtype, bool], list[str]] = {}
+        for name, p in named_params:
+            if not p.requires_grad:
+                continue
+            if name in self.params or id(p) in owner:
+                raise ValueError(f"ZeroOptimizer: parameter {name!r} given twice (or the same tensor as "
+                                 f"{owner.get(id(p), name)!r}); pass model.named_parameters(), which deduplicates")
+            if not p.is_floating_point():
+                raise ValueError(f"ZeroOptimizer: parameter {name!r} has dtype {p.dtype}; only float parameters "
+                                 "train")
+            owner[id(p)] = name
+            self.params[name] = p
+            classes.setdefault((p.dtype, bool(is_expert(name))), []).append(name)
+        self.buckets: list[_Bucket] = [self._build_bucket(dtype, expert, names)
+                                       for (dtype, expert), names in classes.items()]
+        self._bucket_of = {name: b for b in self.buckets for name in b.names}
+
+    @torch.no_grad()
+    def _build_bucket(self, dtype: torch.dtype, expert: bool, names: list[str]) -> _Bucket:
+        group = self.expert_dp if expert else self.dp
+        offsets, numel = [], 0
+        for name in names:
+            offsets.append(numel)
+            numel += self.params[name].numel()
+        b = _Bucket(dtype, expert, group, names, offsets, numel, shard_size=max(1, math.ceil(numel / group.size)))
+        lo_shard, hi_shard = b.shard_start, b.shard_start + b.shard_size
+        moment_dtype = MOMENT_DTYPES[self.cfg.moment_dtype]
+        b.master = torch.zeros(b.shard_size, dtype=torch.float32)  # padding stays 0 forever (zero grad, zero update)
+        b.exp_avg = torch.zeros(b.shard_size, dtype=moment_dtype)
+        b.exp_avg_sq = torch.zeros(b.shard_size, dtype=moment_dtype)
+        for name, off in zip(names, offsets):
+            p = self.params[name]
+            lo, hi = max(off, lo_shard), min(off + p.numel(), hi_shard)
+            if lo >= hi:
+                continue
+            seg = _Segment(name, lo - lo_shard, hi - lo_shard, lo - off)
+            b.segments.append(seg)
+            b.master[seg.lo:seg.hi] = p.detach().reshape(-1)[seg.start:seg.start + hi - lo].float()
+            wd = self.cfg.weight_decay if p.ndim >= 2 else 0.0  # trainer.optim.AdamW's rule
+            if b.runs and b.runs[-1][1] == seg.lo and b.runs[-1][2] == wd:
+                b.runs[-1] = (b.runs[-1][0], seg.hi, wd)  # merge neighbours: fewer, longer update calls
+            else:
+                b.runs.append((seg.lo, seg.hi, wd))
+        return b
+
+    # ---- gradients ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _reduce_grads(self) -> None:
+        """Reduce-scatter every bucket's gradient into this rank's fp32 shard, averaged as the docstring derives."""
+        for b in self.buckets:
+            flat = torch.zeros(b.padded, dtype=torch.float32)
+            for name, off in zip(b.names, b.offsets):
+                g = grad_of(self.params[name])
+                if g is not None:
+                    flat[off:off + g.numel()].copy_(g.reshape(-1))
+            scale = (self.grad_scale_expert if b.expert else 1.0) / self.dp.size
+            if scale != 1.0:  # keeps DP = 1 bitwise equal to the replicated optimizer
+                flat.mul_(scale)
+            if b.group.size == 1:
+                b.grad_shard = flat
+            else:
+                b.grad_shard = torch.empty(b.shard_size, dtype=torch.float32)
+                dist.reduce_scatter_single(b.grad_shard, flat, op=dist.ReduceOp.SUM, group=b.group.group)
+
+    @torch.no_grad()
+    def grad_norm(self) -> Tensor:
+        """Global L2 norm (fp32, 0-d) of the averaged gradients, from the reduced shards (reduce-scattering them
+        first if this step has not yet). Padding holds zeros, so it adds nothing."""
+        if any(b.grad_shard is None for b in self.buckets):
+            self._reduce_grads()
+        sq = grad_norm_sq([b.grad_shard for b in self.buckets])
+        # Dense and expert shards both partition their elements over the DP group (see the module docstring).
+        if self.dp.size > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.dp.group)
+        if self.extra is not None and self.extra.size > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.extra.group)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def step(self, lr: float, max_norm: float) -> float:
+        """Reduce the gradients, clip them at `max_norm` (0 = no clip), update the shards with AdamW and gather
+        the parameters. Returns the gradient norm before clipping; a non-finite norm skips the update (the
+        parameters and the state stay untouched) and is returned as it is."""
+        if max_norm < 0:
+            raise ValueError(f"ZeroOptimizer.step: max_norm must be >= 0 (0 = no clipping), got {max_norm}")
+        norm = self.grad_norm()
+        try:
+            if not torch.isfinite(norm):
+                return float(norm)
+            if max_norm > 0 and norm > max_norm:
+                scale = max_norm / (norm + 1e-6)  # as trainer.optim.clip_grad_norm_ (and torch)
+                for b in self.buckets:
+                    b.grad_shard.mul_(scale)
+            for b in self.buckets:
+                b.step += 1
+                for lo, hi, wd in b.runs:
+                    adamw_update(b.master[lo:hi], b.grad_shard[lo:hi], b.exp_avg[lo:hi], b.exp_avg_sq[lo:hi],
+                                 b.step, lr, self.cfg, wd)
+        finally:
+            for b in self.buckets:
+                b.grad_shard = None
+        self._gather_params()
+        return float(norm)
+
+    @torch.no_grad()
+    def _gather_params(self) -> None:
+        """Round the master shards to the parameter dtype, all-gather them and write them into the parameters."""
+        for b in self.buckets:
+            shard = b.master.to(b.dtype)
+            if b.group.size == 1:
+                full = shard
+            else:
+                full = torch.empty(b.padded, dtype=b.dtype)
+                dist.all_gather_single(full, shard, group=b.group.group)
+            for name, off in zip(b.names, b.offsets):
+                p = self.params[name]
+                p.copy_(full[off:off + p.numel()].view(p.shape))
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+            if hasattr(p, "main_grad"):
+                p.main_grad = None
+
+    # ---- memory ------------------------------------------------------------------------------------------------
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: fp32 master shards and both moment shards (padding included,
+        transient gradient buffers excluded)."""
+        return sum(t.nbytes for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq))
+
+    # ---- checkpoints: full per-parameter tensors (trainer.optim.AdamW's keys) --------------------------------
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """`trainer.optim.AdamW.state_dict()`'s keys and shapes: `master.<name>` (non-fp32 parameters only),
+        `exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`, gathered over each bucket's group (copies).
+        Expert entries are this EP rank's local experts, shaped as the model's parameter; assemble them over EP
+        with `parallel.apply.full_state`. Collective: every rank of the DP group must call it."""
+        gathered: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        for i, b in enumerate(self.buckets):
+            gathered[i] = tuple(self._gather(b, t) for t in (b.master, b.exp_avg, b.exp_avg_sq))
+        index = {id(b): i for i, b in enumerate(self.buckets)}
+        out: dict[str, Tensor] = {}
+        for name, p in self.params.items():
+            b = self._bucket_of[name]
+            off = b.offsets[b.names.index(name)]
+            master, exp_avg, exp_avg_sq = (t[off:off + p.numel()].view(p.shape).clone()
+                                           for t in gathered[index[id(b)]])
+            if p.dtype != torch.float32:
+                out[f"master.{name}"] = master
+            out[f"exp_avg.{name}"] = exp_avg
+            out[f"exp_avg_sq.{name}"] = exp_avg_sq
+            out[f"step.{name}"] = torch.tensor(b.step, dtype=torch.int64)
+        return out
+
+    @staticmethod
+    def _gather(b: _Bucket, shard: Tensor) -> Tensor:
+        if b.group.size == 1:
+            return shard
+        full = torch.empty(b.padded, dtype=shard.dtype)
+        dist.all_gather_single(full, shard, group=b.group.group)
+        return full
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load full per-parameter tensors (a `full_state_dict()` or `trainer.optim.AdamW.state_dict()`, from any
+        DP size), keeping this rank's shard, then round the masters into the parameters. The masters of fp32
+        parameters are the parameters themselves (as in AdamW): load the model weights first. Every name and
+        shape is checked before anything is written. Collective (the final parameter gather)."""
+        expected: dict[str, torch.Size] = {}
+        for name, p in self.params.items():
+            if p.dtype != torch.float32:
+                expected[f"master.{name}"] = p.shape
+            expected[f"exp_avg.{name}"] = p.shape
+            expected[f"exp_avg_sq.{name}"] = p.shape
+            expected[f"step.{name}"] = torch.Size([])
+        _check_keys(expected, {k: t.shape for k, t in state.items()})
+        steps = {id(b): self._bucket_step(b, {name: int(state[f"step.{name}"]) for name in b.names})
+                 for b in self.buckets}
+        for b in self.buckets:
+            b.step = steps[id(b)]
+            for seg in b.segments:
+                p = self.params[seg.name]
+                n = seg.hi - seg.lo
+                master = state[f"master.{seg.name}"] if p.dtype != torch.float32 else p.detach()
+                b.master[seg.lo:seg.hi] = master.reshape(-1)[seg.start:seg.start + n].float()
+                b.exp_avg[seg.lo:seg.hi] = state[f"exp_avg.{seg.name}"].reshape(-1)[seg.start:seg.start + n]
+                b.exp_avg_sq[seg.lo:seg.hi] = state[f"exp_avg_sq.{seg.name}"].reshape(-1)[seg.start:seg.start + n]
+        self._gather_params()
+
+    @staticmethod
+    def _bucket_step(b: _Bucket, steps: dict[str, int]) -> int:
+        """ZeRO counts steps per buffer: all parameters of a buffer must carry the same count."""
+        values = set(steps.values())
+        if len(values) != 1:
+            raise ValueError(f"optimizer state has different step counts {sorted(values)} within one ZeRO buffer "
+                             f"({b.dtype}, {'expert' if b.expert else 'dense'}): "
+                             + ", ".join(f"{n}={s}" for n, s in list(steps.items())[:10])
+                             + "; ZeRO keeps one step count per buffer, so every parameter must have taken the "
+                             "same number of steps")
+        return values.pop() if values else 0
+
+    # ---- checkpoints: sharded form ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, Tensor]:
+        """This rank's pieces, in a layout-independent form (copies, safetensors-ready): for every parameter that
+        intersects its shards, `master.<name>` (fp32, also for fp32 parameters), `exp_avg.<name>`,
+        `exp_avg_sq.<name>` (1-D slices of the flattened parameter), `range.<name>` (int64 [start, end) of the
+        slice), `shape.<name>` (int64, the parameter's shape) and `step.<name>` (0-d int64). No communication.
+        Expert pieces index the LOCAL experts of this EP rank."""
+        out: dict[str, Tensor] = {}
+        for b in self.buckets:
+            for seg in b.segments:
+                n = seg.hi - seg.lo
+                out[f"master.{seg.name}"] = b.master[seg.lo:seg.hi].clone()
+                out[f"exp_avg.{seg.name}"] = b.exp_avg[seg.lo:seg.hi].clone()
+                out[f"exp_avg_sq.{seg.name}"] = b.exp_avg_sq[seg.lo:seg.hi].clone()
+                out[f"range.{seg.name}"] = torch.tensor([seg.start, seg.start + n], dtype=torch.int64)
+                out[f"shape.{seg.name}"] = torch.tensor(list(self.params[seg.name].shape), dtype=torch.int64)
+                out[f"step.{seg.name}"] = torch.tensor(b.step, dtype=torch.int64)
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, states: dict[str, Tensor] | Sequence[dict[str, Tensor]]) -> None:
+        """Load sharded pieces written by `state_dict()` under any DP layout: pass the dicts of all saving ranks
+        (or any set whose pieces cover every parameter once). Each rank copies the overlap of every piece with its
+        own shard. Expert pieces index local experts, so with EP > 1 pass only the dicts of saving ranks that held
+        the same experts (overlapping pieces are refused); to change EP, go through `full_state_dict`. Collective
+        (the final parameter gather)."""
+        if isinstance(states, dict):
+            states = [states]
+        pieces: dict[str, list[tuple[int, int, dict[str, Tensor]]]] = {}
+        for st in states:
+            for key in st:
+                if not key.startswith("range."):
+                    continue
+                name = key[len("range."):]
+                if name not in self.params:
+                    raise ValueError(f"optimizer state has a piece of {name!r}, which this model does not train; "
+                                     "it was saved for another model config")
+                shape = tuple(int(x) for x in st[f"shape.{name}"])
+                if shape != tuple(self.params[name].shape):
+                    raise ValueError(f"optimizer state piece of {name!r} has shape {shape}, the parameter "
+                                     f"{tuple(self.params[name].shape)}; it was saved for another model config or "
+                                     "expert-parallel size")
+                start, end = (int(x) for x in st[key])
+                pieces.setdefault(name, []).append((start, end, st))
+        for name, p in self.params.items():
+            covered = torch.zeros(p.numel(), dtype=torch.int32)
+            for start, end, _ in pieces.get(name, []):
+                covered[start:end] += 1
+            if not bool((covered == 1).all()):
+                what = "missing" if name not in pieces else ("overlapping (pieces from several EP ranks?)"
+                                                             if bool((covered > 1).any()) else "incomplete")
+                raise ValueError(f"optimizer state for {name!r} is {what}: the pieces must cover the flattened "
+                                 f"parameter ({p.numel()} elements) exactly once; pass the state_dict() of every "
+                                 "saving rank (with EP > 1, those holding the same experts)")
+        steps = {id(b): self._bucket_step(b, {name: int(st[f"step.{name}"]) for name in b.names
+                                              for _, _, st in pieces[name]}) for b in self.buckets}
+        for b in self.buckets:
+            b.step = steps[id(b)]
+            for seg in b.segments:
+                lo_p, hi_p = seg.start, seg.start + seg.hi - seg.lo  # wanted range of the flattened parameter
+                for start, end, st in pieces[seg.name]:
+                    a, z = max(lo_p, start), min(hi_p, end)
+                    if a >= z:
+                        continue
+                    dst = slice(seg.lo + a - lo_p, seg.lo + z - lo_p)
+                    src = slice(a - start, z - start)
+                    b.master[dst] = st[f"master.{seg.name}"][src]
+                    b.exp_avg[dst] = st[f"exp_avg.{seg.name}"][src]
+                    b.exp_avg_sq[dst] = st[f"exp_avg_sq.{seg.name}"][src]
+        self._gather_params()
+
+
+def _check_keys(expected: dict[str, torch.Size], given: dict[str, torch.Size]) -> None:
+    """Name and shape checks of a full optimizer state, with the same message as trainer.optim.AdamW."""
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
+    mismatched = [f"{key} {tuple(given[key])} (expected {tuple(expected[key])})"
+                  for key in sorted(expected.keys() & given.keys()) if given[key] != expected[key]]
+    if missing or unexpected or mismatched:
+        raise ValueError("optimizer state does not fit this model: " + "; ".join(
+            f"{label} {_listing(names)}" for label, names in
+            (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if names)
+            + ". It was saved for another model config or trainer.dtype (master.* entries exist only for "
+            "non-fp32 parameters), or expert entries for another expert-parallel size; resume with the config "
+            "it was written with")
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}]"
