@@ -74,3 +74,19 @@ def test_parallel_layouts_equal_the_single_process_run(tmp_path, world, ep, gpus
     # one learning-rate step (lr 2e-3).
     for name, ref in ref_weights.items():
         torch.testing.assert_close(weights[name], ref, rtol=0, atol=2e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_dp2_resumes_in_one_process(tmp_path):
+    """Layout-independent checkpoints: 3 steps on DP=2 (ZeRO-1), then 2 more in one process, equal 5 steps in
+    one process."""
+    from trainer.train import train
+
+    cache = tmp_path / "cache"
+    ref_losses, _ = single_process(tmp_path, cache, micro=8)
+    run = tmp_path / "resharded"
+    common = [f"data.cache_dir={cache}", f"trainer.run_dir={run}"]
+    run_distributed(_train, 2, common + ["trainer.micro_batch_size=4", "trainer.max_steps=3"], str(run))
+    train(config(common + ["trainer.micro_batch_size=8"], 1), run)
+    torch.testing.assert_close(torch.tensor(losses(run), dtype=torch.float64),
+                               torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-6, atol=0)
