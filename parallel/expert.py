@@ -19,7 +19,8 @@ Semantics (DeepEP's normal mode, on `torch.distributed.all_to_all_single`):
   cross-node traffic); stage 2 forwards it inside the node to the ranks holding the experts. The final
   rows, ids and weights are the flat mode's (rows are reordered by (source rank, source token)); combine
   sums inside the node first and crosses nodes once per (token, node). Results equal flat mode up to float
-  summation order. Node = EP-group rank // gpus_per_node.
+  summation order. Node = EP-group rank // gpus_per_node. With one node or one rank per node the flat
+  exchange already crosses each node boundary once per (token, node), and hierarchical mode runs it.
 
 The dispatch-direction payload (forward dispatch and combine backward) goes through the overridable
 `pack(rows) -> list[Tensor]` / `unpack(tensors) -> rows` hook, so that FP8 rows (uint8 view + scales) can
@@ -141,6 +142,8 @@ class ExpertParallelDispatcher:
         self.n_nodes = self.ep // self.gpus_per_node
         self.node = self.rank // self.gpus_per_node
         self.hierarchical = hierarchical
+        # with one node, or one rank per node, the flat exchange already sends a token once per node
+        self._two_stage = hierarchical and self.n_nodes > 1 and self.gpus_per_node > 1
         self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0)
 
     # ---- payload hook -------------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ class ExpertParallelDispatcher:
         w_bits = weights.detach().float().contiguous().view(torch.int32)  # (N, K) fp32 bits
         tok = torch.arange(n, dtype=torch.int32)
         src = torch.stack([torch.full((n,), self.rank, dtype=torch.int32), tok], 1)  # (N, 2) source rank, token
-        if self.hierarchical:
+        if self._two_stage:
             # stage 1: one row per (token, destination node), to the rank with our local index there
             per_node = self.per_rank * self.gpus_per_node
             node_of = idx // per_node  # (N, K)
@@ -226,7 +229,7 @@ class ExpertParallelDispatcher:
         stages.append(stage)
         src_rank, src_token = meta[:, 2 * k].long(), meta[:, 2 * k + 1].long()  # (R,)
         perm = None
-        if self.hierarchical:  # arrivals are grouped by relay: restore (source rank, token) order
+        if self._two_stage:  # arrivals are grouped by relay: restore (source rank, token) order
             perm = torch.argsort(src_rank * (1 << 32) + src_token)
             meta, src_rank, src_token = meta[perm], src_rank[perm], src_token[perm]
         return DispatchLayout(n_tokens=n, stages=stages, perm=perm, local_ids=meta[:, :k].long(),

@@ -73,7 +73,8 @@ def _run_ep(disp: ExpertParallelDispatcher, h, idx, w, g, full_ref: RoutedExpert
     local = _experts(per_rank, 1)
     with torch.no_grad():
         for name in ("w1", "w2", "w3"):
-            getattr(local, name).weight.copy_(getattr(full_ref, name).weight[ep_rank * per_rank:(ep_rank + 1) * per_rank])
+            full = getattr(full_ref, name).weight
+            getattr(local, name).weight.copy_(full[ep_rank * per_rank:(ep_rank + 1) * per_rank])
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     rows, ids, rw, layout = disp.dispatch(h, idx, w)
     out = disp.combine(local(rows, ids, rw), layout)
@@ -134,6 +135,8 @@ def _scenario_checks(rank: int, group, ep: int, gpn: int, tokens: list[int], dea
         res = _run_ep(disp, h_all[lo:hi], idx_all[lo:hi], w_all[lo:hi], g_all[lo:hi], ref[3])
         tag = f"{what} {'hierarchical' if hierarchical else 'flat'} (EP rank {ep_rank})"
         _check_against_reference(res, ref, offsets, ep_rank, ep, h_all, idx_all, w_all, tag)
+        if ep_rank in dead:
+            assert res["rows"].shape[0] == 0, f"{tag}: an idle rank receives no rows"
         stats = disp.stats()
         expect = _expected_cross_bytes(idx_all[lo:hi], ep_rank, E // ep, gpn, hierarchical)
         assert stats["cross_node_bytes"] == expect, f"{tag}: cross-node bytes {stats} vs {expect}"
@@ -233,7 +236,8 @@ def _features_spawn(rank: int, world: int) -> None:
         reached = torch.zeros(world, 64, ep // gpn)  # (source rank, token, node)
         reached[layout.src_rank, layout.src_token, rank // gpn] = 1.0
         dist.all_reduce(reached)
-        assert reached.amax() <= 1 and (reached.sum(-1) == cfg.topk_group).all(), "a token left its node group"
+        nodes_per_token = (reached > 0).sum(-1)  # (source rank, token)
+        assert (nodes_per_token <= cfg.topk_group).all() and (nodes_per_token >= 1).all(), "token left its nodes"
         if hierarchical:  # one row per (token, remote node), and each token reaches one node
             remote_tokens = (gidx // (E // ep * gpn) != rank // gpn).any(1).sum()
             assert disp.stats()["cross_node_bytes"] == int(remote_tokens) * DIM * 4, "one crossing per token"

@@ -53,13 +53,18 @@ def single_process(tmp: Path, cache: Path, micro: int) -> tuple[list[float], dic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,ep,gpus_per_node", [(2, 1, 8)])
-def test_parallel_layouts_equal_the_single_process_run(tmp_path, world, ep, gpus_per_node):
+@pytest.mark.parametrize("world,ep,gpus_per_node,dispatch", [
+    (2, 1, 8, "flat"),  # DP=2, ZeRO-1
+    (4, 2, 2, "flat"),  # EP=2 x DP=2 (EP inside a node)
+    (4, 4, 2, "flat"),  # EP=4 x DP=4 across two simulated nodes, node-limited routing
+    (4, 4, 2, "hierarchical"),  # the same with the two-stage (inter-node, then intra-node) all-to-all
+])
+def test_parallel_layouts_equal_the_single_process_run(tmp_path, world, ep, gpus_per_node, dispatch):
     cache = tmp_path / "cache"
     ref_losses, ref_weights = single_process(tmp_path, cache, micro=8)
     run = tmp_path / "parallel"
     overrides = [f"data.cache_dir={cache}", f"trainer.micro_batch_size={8 // world}", f"trainer.run_dir={run}",
-                 f"parallel.ep={ep}", f"parallel.gpus_per_node={gpus_per_node}"]
+                 f"parallel.ep={ep}", f"parallel.gpus_per_node={gpus_per_node}", f"parallel.dispatch={dispatch}"]
     run_distributed(_train, world, overrides, str(run))
     from trainer.checkpoint import load_checkpoint
 
