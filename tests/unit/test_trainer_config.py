@@ -33,9 +33,9 @@ def test_group_yaml_mirrors_its_dataclass(group):
         assert set(OmegaConf.load(path).keys()) == fields, path.name
 
 
-@pytest.mark.parametrize("experiment", ["tiny", "deepseek_v3"])
-def test_experiments_compose_and_validate(experiment):
-    cfg = load_config(compose_run([f"experiment={experiment}"]))
+@pytest.mark.parametrize("experiment,world", [("tiny", 1), ("deepseek_v3", 1), ("tiny_parallel", 4)])
+def test_experiments_compose_and_validate(experiment, world):
+    cfg = load_config(compose_run([f"experiment={experiment}"]), world_size=world)
     assert cfg.experiment.name == experiment
 
 
