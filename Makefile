@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: 4 CPU processes (DP=4 with ZeRO-1, EP=2 on two simulated nodes), one thread each.
+# The main job: 4 CPU processes (DP=4 with ZeRO-1, EP=2 on two simulated nodes); hai-launch prints the
+# torchrun command it runs.
 train: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node 4 -m trainer.train experiment=tiny_parallel
+	$(VENV)/bin/hai-launch --dp 4 experiment=tiny_parallel
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,0 +1,117 @@
+"""`hai-launch`: the torchrun command it builds from the config and flags (--dry-run, in process), and real
+2-process torchrun jobs of tests/e2e/dist_probe.py: success, a rank that raises and a rank killed by SIGKILL,
+each ending the whole job quickly with the failing rank named."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.launch import build, main, omp_threads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def dry_run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(["--dry-run", *argv])
+    out, err = capsys.readouterr()
+    return code, out.strip(), err
+
+
+def test_nproc_defaults_to_pp_times_ep(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    code, out, _ = dry_run(capsys, "experiment=tiny_parallel", "trainer.max_steps=3")
+    assert code == 0
+    assert out == (f"OMP_NUM_THREADS={omp_threads(2)} {sys.executable} -m torch.distributed.run --standalone "
+                   "--nproc_per_node 2 -m trainer.train experiment=tiny_parallel trainer.max_steps=3")
+    code, out, _ = dry_run(capsys)  # parallel=single: one process
+    assert code == 0 and "--nproc_per_node 1 -m trainer.train" in out
+
+
+def test_dp_and_nproc_flags(capsys) -> None:
+    assert "--nproc_per_node 4 " in dry_run(capsys, "--dp", "4", "parallel=dp4_ep2")[1]
+    assert "--nproc_per_node 3 " in dry_run(capsys, "--nproc", "3")[1]
+
+
+def test_layout_refused_before_any_process_starts(capsys) -> None:
+    code, out, err = dry_run(capsys, "--dp", "3", "parallel=dp4_ep2")
+    assert code == 2 and out == ""
+    assert "world size 3" in err and "parallel.ep=2 does not divide" in err
+    code, _, err = dry_run(capsys, "--nproc", "2", "parallel.pp=2")
+    assert code == 2 and "parallel.pp=2" in err
+    code, _, err = dry_run(capsys, "model.nope=1")
+    assert code == 2 and "cannot compose" in err
+
+
+def test_hydra_flags_and_separator_pass_through(capsys) -> None:
+    out = dry_run(capsys, "--nproc", "2", "--cfg", "job", "model.dim=64", "--", "--nproc", "7")[1]
+    assert out.endswith("-m trainer.train --cfg job model.dim=64 --nproc 7")
+
+
+def test_multi_node_uses_c10d_rendezvous(capsys) -> None:
+    out = dry_run(capsys, "--nnodes", "2", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "42", "--nproc", "2")[1]
+    assert ("-m torch.distributed.run --nnodes 2 --rdzv_backend c10d --rdzv_endpoint node0:29400 --rdzv_id 42 "
+            "--nproc_per_node 2 -m trainer.train") in out
+    assert "--standalone" not in out
+    code, _, err = dry_run(capsys, "--nnodes", "2", "--nproc", "2")
+    assert code == 2 and "--rdzv-endpoint" in err
+    # world = pp * dp split over the nodes
+    assert "--nproc_per_node 2 " in dry_run(capsys, "--nnodes", "2", "--rdzv-endpoint", "h:1", "--dp", "4",
+                                            "parallel=dp4_ep2")[1]
+
+
+def test_omp_threads_kept_when_set(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert build(["--nproc", "2"])[1] == {}
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert build(["--nproc", "64"])[1] == {"OMP_NUM_THREADS": "1"}
+
+
+def launch_probe(out: Path, *flags: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "launch.launch", "--module", "tests.e2e.dist_probe", "--nproc", "2",
+                             "--out", str(out), *flags], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return result, time.monotonic() - t0
+
+
+def root_cause(output: str) -> str:
+    """torchrun's failure summary from 'Root Cause' on."""
+    match = re.search(r"Root Cause.*", output, re.DOTALL)
+    assert match, output[-3000:]
+    return match.group(0)
+
+
+@pytest.mark.slow
+def test_two_processes_all_reduce(tmp_path: Path) -> None:
+    result, _ = launch_probe(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0].endswith(
+        f"-m torch.distributed.run --standalone --nproc_per_node 2 -m tests.e2e.dist_probe --out {tmp_path}")
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world_size"], r["sum"]) for r in records] == [(0, 2, 1), (1, 2, 1)]
+
+
+@pytest.mark.slow
+def test_rank_that_raises_ends_the_job(tmp_path: Path) -> None:
+    result, seconds = launch_probe(tmp_path, "--fail-rank", "1")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "RuntimeError: dist_probe: rank 1 fails on purpose" in output
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: 1 ", root_cause(output)), output[-3000:]
+    assert seconds < 60
+
+
+@pytest.mark.slow
+def test_rank_killed_by_sigkill_ends_the_job(tmp_path: Path) -> None:
+    result, seconds = launch_probe(tmp_path, "--kill-rank", "1")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9 ", root_cause(output)), output[-3000:]
+    assert "SIGKILL" in root_cause(output)
+    assert seconds < 60
