@@ -2,7 +2,8 @@
 
 `run_distributed(fn, world_size, *args)` spawns `world_size` processes, initialises the default process
 group with gloo on a free localhost port, calls `fn(rank, world_size, *args)` in each (fn must be a
-module-level function), and re-raises in the parent the first child failure, naming its rank.
+module-level function), and re-raises in the parent the first child failure, naming its rank; a job that
+hangs past the timeout is killed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -50,9 +52,15 @@ def run_distributed(fn: Callable[..., None], world_size: int, *args, timeout: fl
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     os.environ.setdefault("PYTHONPATH", ROOT)
+    ctx = mp.start_processes(_child, args=(fn, world_size, _free_port(), timeout, errors, args),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout + 60  # collectives time out first; this catches anything else
     try:
-        mp.start_processes(_child, args=(fn, world_size, _free_port(), timeout, errors, args), nprocs=world_size,
-                           join=True, start_method="spawn")
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                raise TimeoutError(f"{world_size} processes did not finish within {timeout + 60:.0f} s")
     except Exception as err:
         details = []
         while not errors.empty():

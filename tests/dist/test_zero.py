@@ -18,18 +18,15 @@ on the norm).
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from parallel.apply import full_state, is_expert_param
 from parallel.zero import ZeroOptimizer
+from tests.dist.conftest import run_distributed
 from trainer.optim import AdamW, OptimConfig, attach_main_grads, clip_grad_norm_, grad_of
 
 N_EXPERTS, D_IN, D_HID = 4, 6, 12
@@ -264,34 +261,9 @@ def _zero_worker(rank: int, world: int) -> None:
     _scenario(rank, world, experts=True, dtype=torch.bfloat16, moments="bf16")
 
 
-def _spawned(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        _zero_worker(rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
-def _run_distributed(world: int, timeout: float = 180) -> None:
-    """`world` gloo processes running `_zero_worker`; a rank's exception is re-raised here with its traceback,
-    and a hang (a collective some rank never reaches) ends the processes after `timeout` seconds."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.spawn(_spawned, args=(world, port), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            raise TimeoutError(f"distributed ZeRO test did not finish within {timeout} s")
-
-
 @pytest.mark.slow
 def test_zero_matches_single_process_adamw() -> None:
-    _run_distributed(4)
+    run_distributed(_zero_worker, 4)
 
 
 def test_zero_single_process_is_bitwise_adamw() -> None:
