@@ -25,22 +25,37 @@ class ParallelConfig:
     dispatch: str = "flat"  # expert all-to-all: flat | hierarchical (across nodes once, then inside the node)
     timeout_s: int = 120  # collective timeout in seconds: a failed rank ends the job within it
 
-    def validate(self, world_size: int = 1) -> ParallelConfig:
+    def validate_grid(self, world_size: int = 1) -> ParallelConfig:
+        """The arithmetic of the grid alone (pp > 1 allowed): what the rank math and the planner need."""
         for name in ("pp", "ep", "gpus_per_node", "timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
         if self.dispatch not in DISPATCH_MODES:
-            raise ConfigError(f"parallel.dispatch: one of {DISPATCH_MODES}, got {self.dispatch!r}")
+            raise ConfigError(f"parallel.dispatch={self.dispatch!r} is not a dispatch mode; choose one of "
+                              f"{', '.join(DISPATCH_MODES)}")
         if world_size % self.pp:
-            raise ConfigError(f"parallel.pp={self.pp} does not divide the world size {world_size}; "
-                              f"choose pp among {_divisors(world_size)}")
+            raise ConfigError(f"parallel.pp={self.pp} does not divide the world size {world_size} "
+                              f"(DP = world / pp); choose pp among {_divisors(world_size)}")
         dp = world_size // self.pp
         if dp % self.ep:
             raise ConfigError(f"parallel.ep={self.ep} does not divide the data-parallel size {dp} "
                               f"(world {world_size} / pp {self.pp}); choose ep among {_divisors(dp)}")
         if world_size > self.gpus_per_node and world_size % self.gpus_per_node:
             raise ConfigError(f"parallel.gpus_per_node={self.gpus_per_node} does not divide the world size "
-                              f"{world_size}; every node holds the same number of ranks")
+                              f"{world_size}; every node holds the same number of ranks: choose "
+                              f"gpus_per_node among {_divisors(world_size)} (or >= {world_size} for one node)")
+        gpn = self.gpus_per_node
+        if world_size > gpn and self.ep % gpn and gpn % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} with parallel.gpus_per_node={gpn}: an expert-parallel group "
+                              f"must fit inside one node or fill whole nodes; choose ep among {_divisors(gpn)} "
+                              f"or a multiple of {gpn}")
+        return self
+
+    def validate(self, world_size: int = 1) -> ParallelConfig:
+        """`validate_grid`, and refuse what the trainer cannot run yet (pipeline parallelism)."""
+        self.validate_grid(world_size)
         if self.pp > 1:
             raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not built yet (DualPipe is the next "
                               "milestone); set parallel.pp=1")

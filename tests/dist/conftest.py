@@ -51,7 +51,9 @@ def run_distributed(fn: Callable[..., None], world_size: int, *args, timeout: fl
     """Run fn(rank, world_size, *args) in `world_size` gloo processes; raise if any rank fails."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    os.environ.setdefault("PYTHONPATH", ROOT)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if ROOT not in paths:  # children unpickle `fn` (importing its test module) before _child runs
+        os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, paths)])
     ctx = mp.start_processes(_child, args=(fn, world_size, _free_port(), timeout, errors, args),
                              nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout + 60  # collectives time out first; this catches anything else

@@ -1,4 +1,4 @@
-"""Process-grid rank arithmetic and layout validation, without processes."""
+"""Process-grid rank arithmetic (parallel/grid.py) and layout validation (parallel/config.py), without processes."""
 
 from __future__ import annotations
 
@@ -6,61 +6,125 @@ import pytest
 
 from model import ConfigError
 from parallel.config import ParallelConfig, check_model_layout
-from parallel.grid import GridLayout
+from parallel.grid import GridLayout, ProcessGrid, is_expert_param
 from tests.conftest import small_config
 
+# (world, pp, ep, gpus_per_node); pp > 1 goes through the arithmetic only (validate refuses it for training)
+LAYOUTS = [(1, 1, 1, 8), (4, 1, 2, 2), (4, 1, 1, 8), (8, 1, 4, 2), (8, 1, 8, 8), (8, 2, 2, 4), (8, 4, 1, 2),
+           (12, 3, 2, 4), (16, 2, 4, 4)]
 
-def layouts(world: int, **kw) -> list[GridLayout]:
-    cfg = ParallelConfig(**kw)
-    return [GridLayout.of(world, cfg, r) for r in range(world)]
+
+def layouts(world: int, pp: int, ep: int, gpn: int) -> list[GridLayout]:
+    cfg = ParallelConfig(pp=pp, ep=ep, gpus_per_node=gpn)
+    return [ProcessGrid.layout(world, cfg, r) for r in range(world)]
 
 
-@pytest.mark.parametrize("world,ep,gpn", [(1, 1, 8), (4, 2, 2), (8, 2, 4), (8, 4, 2), (8, 8, 8), (4, 1, 8)])
-def test_every_rank_is_in_exactly_one_group_of_each_kind(world, ep, gpn):
-    all_layouts = layouts(world, ep=ep, gpus_per_node=gpn)
-    first = all_layouts[0]
-    for groups, size in ((first.dp_groups(), first.dp), (first.ep_groups(), ep), (first.edp_groups(), first.edp),
-                         (first.pp_groups(), first.pp)):
-        flat = sorted(r for g in groups for r in g)
-        assert flat == list(range(world))
+@pytest.mark.parametrize("world,pp,ep,gpn", LAYOUTS)
+def test_every_rank_is_in_exactly_one_group_of_each_kind(world, pp, ep, gpn):
+    first = layouts(world, pp, ep, gpn)[0]
+    dp = world // pp
+    assert (first.pp, first.dp, first.ep, first.edp) == (pp, dp, ep, dp // ep)
+    for groups, size in ((first.dp_groups(), dp), (first.pp_groups(), pp), (first.ep_groups(), ep),
+                         (first.edp_groups(), dp // ep)):
+        assert sorted(r for g in groups for r in g) == list(range(world))
         assert all(len(g) == size for g in groups)
-    for lay in all_layouts:
-        ep_group = lay.group_of(lay.ep_groups())
-        assert ep_group == list(range(ep_group[0], ep_group[0] + ep))  # contiguous
-        assert ep_group.index(lay.rank) == lay.ep_rank
-        edp_group = lay.group_of(lay.edp_groups())
-        assert all(b - a == ep for a, b in zip(edp_group, edp_group[1:]))  # strided by EP
-        assert edp_group.index(lay.rank) == lay.edp_rank
+    mirror = first.mirror_groups()
+    assert sorted(r for g in mirror for r in g) == list(range(world))
+
+
+@pytest.mark.parametrize("world,pp,ep,gpn", LAYOUTS)
+def test_each_rank_sees_its_groups(world, pp, ep, gpn):
+    dp = world // pp
+    for lay in layouts(world, pp, ep, gpn):
+        assert lay.rank == lay.pp_rank * dp + lay.dp_rank  # PP outermost
         assert lay.dp_rank == lay.edp_rank * ep + lay.ep_rank
+        assert (lay.node, lay.local_rank) == divmod(lay.rank, gpn)
+        assert lay.dp_ranks == [lay.pp_rank * dp + d for d in range(dp)]
+        assert lay.pp_ranks == [p * dp + lay.dp_rank for p in range(pp)]  # ordered by stage
+        assert lay.ep_ranks == list(range(lay.rank - lay.ep_rank, lay.rank - lay.ep_rank + ep))  # contiguous
+        assert lay.ep_ranks.index(lay.rank) == lay.ep_rank
+        assert all(b - a == ep for a, b in zip(lay.edp_ranks, lay.edp_ranks[1:]))  # strided by EP
+        assert lay.edp_ranks.index(lay.rank) == lay.edp_rank
+        assert {r // dp for r in lay.edp_ranks} == {lay.pp_rank}  # inside one stage
+        # DualPipe: positions s and pp-1-s of the same DP index sum their gradients
+        partner = (pp - 1 - lay.pp_rank) * dp + lay.dp_rank
+        assert lay.mirror_ranks == sorted({lay.rank, partner})
+        # the embedding/head/MTP live on positions 0 and pp-1
+        if lay.pp_rank in (0, pp - 1):
+            assert lay.embed_ranks == sorted({lay.dp_rank, (pp - 1) * dp + lay.dp_rank})
+        else:
+            assert lay.embed_ranks is None
+        assert lay.nodes_in_ep == max(1, -(-ep // gpn))
+        assert len({r // gpn for r in lay.ep_ranks}) == lay.nodes_in_ep
+
+
+def test_pp1_groups_of_one():
+    lay = ProcessGrid.layout(4, ParallelConfig(ep=2, gpus_per_node=2), 3)
+    assert (lay.pp_ranks, lay.mirror_ranks, lay.embed_ranks) == ([3], [3], [3])
+    assert (lay.dp_ranks, lay.ep_ranks, lay.edp_ranks) == ([0, 1, 2, 3], [2, 3], [1, 3])
+    assert (lay.node, lay.local_rank, lay.n_nodes, lay.nodes_in_ep) == (1, 1, 2, 1)
 
 
 def test_documented_rank_table_world_8():
-    # pp is refused by validation until the pipeline exists, so the table is built from the arithmetic
-    lay = GridLayout(world_size=8, rank=5, pp=2, dp=4, ep=2, edp=2, gpus_per_node=4)
-    assert (lay.pp_rank, lay.dp_rank, lay.ep_rank, lay.edp_rank, lay.node) == (1, 1, 1, 0, 1)
+    cfg = ParallelConfig(pp=2, ep=2, gpus_per_node=4)
+    table = [(lay.pp_rank, lay.dp_rank, lay.ep_rank, lay.edp_rank, lay.node)
+             for lay in (ProcessGrid.layout(8, cfg, r) for r in range(8))]
+    assert [list(col) for col in zip(*table)] == [[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 2, 3, 0, 1, 2, 3],
+                                                  [0, 1, 0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 0, 0, 1, 1],
+                                                  [0, 0, 0, 0, 1, 1, 1, 1]]
+    lay = ProcessGrid.layout(8, cfg, 5)
     assert lay.dp_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert lay.ep_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert lay.edp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert lay.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert lay.mirror_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert lay.embed_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+def test_rank_outside_the_world():
+    with pytest.raises(ValueError, match="rank 4 outside the world of 4"):
+        ProcessGrid.layout(4, ParallelConfig(), 4)
 
 
 @pytest.mark.parametrize("world,kw,words", [
-    (4, dict(ep=3), "parallel.ep=3 does not divide the data-parallel size 4"),
-    (6, dict(gpus_per_node=4), "parallel.gpus_per_node=4 does not divide the world size 6"),
-    (3, dict(pp=2), "parallel.pp=2 does not divide the world size 3"),
-    (4, dict(pp=2), "pipeline parallelism is not built yet"),
-    (4, dict(dispatch="mesh"), "parallel.dispatch"),
+    (4, dict(ep=3), r"parallel.ep=3 does not divide the data-parallel size 4 \(world 4 / pp 1\); "
+                    r"choose ep among 1, 2, 4"),
+    (8, dict(pp=2, ep=3), r"parallel.ep=3 does not divide the data-parallel size 4 \(world 8 / pp 2\)"),
+    (6, dict(gpus_per_node=4), "parallel.gpus_per_node=4 does not divide the world size 6.*among 1, 2, 3, 6"),
+    (3, dict(pp=2), "parallel.pp=2 does not divide the world size 3.*choose pp among 1, 3"),
+    (4, dict(pp=2), "parallel.pp=2: pipeline parallelism is not built yet.*set parallel.pp=1"),
+    (4, dict(dispatch="mesh"), "parallel.dispatch='mesh' is not a dispatch mode; choose one of flat, hierarchical"),
+    (12, dict(ep=3, gpus_per_node=2), "parallel.ep=3 with parallel.gpus_per_node=2: .*fit inside one node"),
+    (4, dict(ep=0), "parallel.ep: must be >= 1, got 0"),
+    (4, dict(timeout_s=0), "parallel.timeout_s: must be >= 1, got 0"),
 ])
 def test_bad_layouts_stop_with_the_numbers(world, kw, words):
     with pytest.raises(ConfigError, match=words):
         ParallelConfig(**kw).validate(world)
 
 
+def test_small_worlds_are_one_node_and_ep_is_allowed():
+    ParallelConfig(ep=4, gpus_per_node=8).validate(4)  # 4 ranks on one 8-rank node
+    ParallelConfig(ep=3, gpus_per_node=8).validate(6)  # one node: EP needs no alignment
+    ParallelConfig(ep=4, gpus_per_node=2, dispatch="hierarchical").validate(8)
+    assert ParallelConfig(pp=2, ep=2).validate_grid(8).pp == 2  # the arithmetic accepts pipelines
+
+
 def test_model_must_split_over_the_grid():
-    with pytest.raises(ConfigError, match="n_routed_experts=8 is not divisible by parallel.ep=3"):
+    with pytest.raises(ConfigError, match="n_routed_experts=8 is not divisible by parallel.ep=3; "
+                                          "choose ep among 1, 2, 4, 8"):
         check_model_layout(ParallelConfig(ep=3), small_config(), 3)
     # EP of 4 over nodes of 2 spans 2 nodes: the router needs one group per node
-    with pytest.raises(ConfigError, match="model.n_group=4 must equal the 2 nodes"):
+    with pytest.raises(ConfigError, match="model.n_group=4 must equal the 2 nodes spanned by the EP group.*"
+                                          "set model.n_group=2"):
         check_model_layout(ParallelConfig(ep=4, gpus_per_node=2), small_config(), 4)
     check_model_layout(ParallelConfig(ep=4, gpus_per_node=2), small_config(n_group=2, topk_group=1), 4)
+    check_model_layout(ParallelConfig(ep=2, gpus_per_node=2), small_config(), 4)  # EP inside a node: any n_group
+    check_model_layout(ParallelConfig(ep=4, gpus_per_node=8), small_config(), 4)
+
+
+def test_expert_params_are_the_routed_experts():
+    assert is_expert_param("layers.3.ffn.experts.w1.weight")
+    assert not is_expert_param("layers.3.ffn.shared_experts.w1.weight")
+    assert not is_expert_param("layers.3.ffn.gate.weight")
+    assert not is_expert_param("embed.weight")
