@@ -22,9 +22,6 @@ and PP-1-s, so positions s and PP-1-s with the same dp_rank form a mirror pair w
 stage) therefore sit together on positions 0 and PP-1: the embedding group is that pair, the ranks whose
 embedding, head and MTP gradients are summed (the rank alone when PP = 1; middle positions are in none).
 Both groups are built now so that the next milestone uses the same grid.
-
-`is_expert_param` (re-exported from parallel.apply) tells the routed-expert parameters, sharded by EP and
-reduced over expert-DP, from the dense ones, reduced over DP.
 """
 
 from __future__ import annotations
@@ -36,10 +33,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.apply import is_expert_param
 from parallel.config import ParallelConfig
 
-__all__ = ["GridLayout", "ProcessGrid", "init", "is_expert_param"]
+__all__ = ["GridLayout", "ProcessGrid", "init"]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@
       step_00000200/
       latest                    "step_00000200": the newest checkpoint, updated last
 
-A checkpoint is written into `step_XXXXXXXX.tmp-<pid>`, every file and the directory are fsynced, the
+A checkpoint is written into `step_<8-digit step>.tmp-<pid>`, every file and the directory are fsynced, the
 directory is renamed into place and only then does `latest` move (write, fsync, rename). A crash at any
 point leaves the previous checkpoint readable: `latest_checkpoint` checks that the directory it returns is
 complete and otherwise falls back to the newest complete one. Only safetensors and JSON are read back, so

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from model import ConfigError
+from parallel.apply import is_expert_param
 from parallel.config import ParallelConfig, check_model_layout
-from parallel.grid import GridLayout, ProcessGrid, is_expert_param
+from parallel.grid import GridLayout, ProcessGrid
 from tests.conftest import small_config
 
 # (world, pp, ep, gpus_per_node); pp > 1 goes through the arithmetic only (validate refuses it for training)
