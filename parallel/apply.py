@@ -5,14 +5,11 @@ block of E / EP routed experts (rank r owns experts [r E/EP, (r+1) E/EP)) and sw
 dispatcher for the all-to-all one. Parameter names do not change: `layers.3.ffn.experts.w1.weight` is
 [E/EP, ...] on every rank. The router, shared experts and all dense weights stay replicated.
 
-`full_state` / `local_state` convert between this layout and layout-independent full tensors (the routed
-experts gathered over the EP group), which is what checkpoints store, so that a checkpoint written with one
-(DP, EP) layout loads into another.
+Checkpoints store the full expert tensors; `parallel.runtime.Runtime` maps each rank's block into them.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -44,38 +41,3 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup, ep_rank: i
         moe.experts.n_experts = end - start
         moe.dispatcher = ExpertParallelDispatcher(group, n_experts, gpus_per_node=gpus_per_node,
                                                   hierarchical=hierarchical)
-
-
-def full_state(local: dict[str, torch.Tensor], ep_group: dist.ProcessGroup | None, ep_size: int,
-               expert_key=is_expert_param) -> dict[str, torch.Tensor]:
-    """Gather the EP-sharded entries (dim 0) of a state dict into full tensors; others are returned as they are.
-
-    `expert_key(name)` tells which entries are EP-sharded (for optimizer states: `exp_avg.layers...experts...`).
-    Every rank of the EP group must call this with the same keys.
-    """
-    if ep_size == 1:
-        return dict(local)
-    out = {}
-    for name, tensor in local.items():
-        if expert_key(name) and tensor.dim() > 0:
-            parts = [torch.empty_like(tensor) for _ in range(ep_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=ep_group)
-            out[name] = torch.cat(parts, dim=0)
-        else:
-            out[name] = tensor
-    return out
-
-
-def local_state(full: dict[str, torch.Tensor], ep_rank: int, ep_size: int,
-                expert_key=is_expert_param) -> dict[str, torch.Tensor]:
-    """This EP rank's view of layout-independent full tensors: its block of every expert entry."""
-    if ep_size == 1:
-        return dict(full)
-    out = {}
-    for name, tensor in full.items():
-        if expert_key(name) and tensor.dim() > 0:
-            start, end = expert_range(tensor.shape[0], ep_size, ep_rank)
-            out[name] = tensor[start:end].clone()
-        else:
-            out[name] = tensor
-    return out

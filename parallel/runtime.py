@@ -5,21 +5,24 @@ branches on the world size beyond choosing the optimizer.
 The loop's contract under data parallelism (paper 3.2): every rank reads its own micro-batches (the sampler
 is sharded by DP rank), its loss is the mean over its micro-batches, gradients are averaged over DP by the
 ZeRO-1 optimizer, expert loads are summed over DP by the bias loop, and logged losses are DP means.
-Checkpoints hold layout-independent full tensors: the routed experts are gathered over the EP group and the
-optimizer state over the DP group, then written by rank 0.
+Checkpoints are written by every rank at once, each element by one rank (the one whose ZeRO shard holds it),
+under the names and shapes of the single-process model, so a checkpoint of one layout loads into another.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.apply import apply_expert_parallel, full_state, is_expert_param, local_state
+from parallel.apply import apply_expert_parallel, is_expert_param
 from parallel.config import ParallelConfig
+from trainer.checkpoint import CheckpointError, CheckpointReader, Shard
 
 
 @dataclass
@@ -125,28 +128,94 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    # ---- layout-independent state --------------------------------------------------------------------------
-    def full_state(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Layout-independent tensors: expert entries gathered over the EP group."""
-        return full_state(local, self.grid.ep_group if self.grid else None, self.ep)
+    # ---- checkpoints: every rank writes what it owns and reads what it needs (trainer/checkpoint.py) ------------
+    def _place(self, name: str, local_shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
+        """The global shape of entry `name` and where this rank's block starts in it, flattened: routed experts
+        are dim-0 blocks of E/EP experts (contiguous when flattened); every other entry is whole."""
+        local_shape = tuple(local_shape)
+        if self.ep > 1 and is_expert_param(name) and local_shape:
+            return (local_shape[0] * self.ep, *local_shape[1:]), self.ep_rank * math.prod(local_shape)
+        return local_shape, 0
 
-    def local_state(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return local_state(full, self.ep_rank, self.ep)
+    def _local(self, name: str, global_shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
+        """The inverse of `_place`: this rank's shape of a saved entry and its start in the flattened whole."""
+        global_shape = tuple(global_shape)
+        if self.ep > 1 and is_expert_param(name) and global_shape:
+            local = (global_shape[0] // self.ep, *global_shape[1:])
+            return local, self.ep_rank * math.prod(local)
+        return global_shape, 0
 
-    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return self.full_state(model.state_dict())
+    def _writes_whole(self, name: str) -> bool:
+        """Who writes an entry no optimizer shard covers (buffers such as the router bias, frozen weights): rank
+        0, or for routed experts the expert-DP rank 0 of every EP rank (each holds other experts)."""
+        if self.grid is None:
+            return True
+        return self.grid.edp_rank == 0 if self.ep > 1 and is_expert_param(name) else self.rank == 0
 
-    def load_model_state(self, model: nn.Module, full: dict[str, torch.Tensor]) -> None:
-        model.load_state_dict(self.local_state(full))
+    def model_shards(self, state: dict[str, torch.Tensor], opt) -> dict[str, Shard]:
+        """This rank's pieces of a model-shaped state (the weights, or their EMA): of a trained parameter the
+        range its optimizer shard covers, so that every element has one writer; other entries per `_writes_whole`."""
+        trained = set(opt.params)
+        owned = opt.owned() if self.distributed else {n: (0, p.numel()) for n, p in opt.params.items()}
+        out = {}
+        for name, tensor in state.items():
+            if name in trained:
+                if name not in owned:
+                    continue
+                a, z = owned[name]
+            elif self._writes_whole(name):
+                a, z = 0, tensor.numel()
+            else:
+                continue
+            shape, offset = self._place(name, tensor.shape)
+            out[name] = Shard(tensor.detach().reshape(-1)[a:z], shape, offset + a)
+        return out
 
-    def full_optim_state(self, opt) -> dict[str, torch.Tensor]:
+    def optim_shards(self, opt) -> dict[str, Shard]:
+        """This rank's pieces of the optimizer state, under `trainer.optim.AdamW.state_dict`'s keys. A
+        parameter's step count is written by the rank holding its first element."""
         if not self.distributed:
-            return opt.state_dict()
-        return self.full_state(opt.full_state_dict())
+            return {key: Shard.whole(t) for key, t in opt.state_dict().items()}
+        out, owned = {}, opt.owned()
+        for key, (start, data) in opt.shards().items():
+            kind, name = key.split(".", 1)
+            shape, offset = self._place(name, opt.params[name].shape)
+            if kind == "step":
+                if owned.get(name, (-1,))[0] == 0 and offset == 0:
+                    out[key] = Shard(data, (), 0)
+            else:
+                out[key] = Shard(data, shape, offset + start)
+        return out
 
-    def load_optim_state(self, opt, full: dict[str, torch.Tensor]) -> None:
-        local = self.local_state(full)
-        if self.distributed:
-            opt.load_full_state_dict(local)
-        else:
-            opt.load_state_dict(local)
+    def read_local(self, reader: CheckpointReader, group: str, shapes: dict[str, torch.Size],
+                   ) -> dict[str, torch.Tensor]:
+        """This rank's view of a model-shaped group: every entry of `shapes` (its local shapes), experts cut to
+        this EP rank's block, each read from just the checkpoint ranges that hold it."""
+        saved = set(reader.names(group))
+        missing, unexpected = sorted(shapes.keys() - saved), sorted(saved - shapes.keys())
+        wrong = [f"{n} {list(reader.shape(group, n))} (now {list(self._place(n, s)[0])})"
+                 for n, s in shapes.items() if n in saved and reader.shape(group, n) != self._place(n, s)[0]]
+        if missing or unexpected or wrong:
+            raise CheckpointError(f"{reader.path}: the {group} tensors do not fit this model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}. It was written by "
+                                  "another model config; resume with that config or start anew (trainer.resume=null)")
+        out = {}
+        for name, shape in shapes.items():
+            _, offset = self._place(name, shape)
+            out[name] = reader.read(group, name, offset, offset + math.prod(shape)).view(shape)
+        return out
+
+    def load_model_state(self, model: nn.Module, reader: CheckpointReader) -> None:
+        shapes = {name: t.shape for name, t in model.state_dict().items()}
+        model.load_state_dict(self.read_local(reader, "model", shapes))
+
+    def load_optim_state(self, opt, reader: CheckpointReader) -> None:
+        """Each rank reads its own optimizer shard ranges (ZeRO-1), or the whole state in one process. Load the
+        model first: the masters of fp32 parameters are the parameters."""
+        if not self.distributed:
+            opt.load_state_dict({key: reader.tensor("optim", key) for key in reader.names("optim")})
+            return
+        shapes, offsets = {}, {}
+        for key in reader.names("optim"):
+            shapes[key], offsets[key] = self._local(key.split(".", 1)[1], reader.shape("optim", key))
+        opt.load_shards(shapes, lambda key, a, z: reader.read("optim", key, offsets[key] + a, offsets[key] + z))

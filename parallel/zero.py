@@ -38,12 +38,13 @@ EP x expert-DP = DP ranks partition all experts. Hence one all-reduce SUM of the
 group counts every element of the model exactly once (with pp = 1). Pipeline stages hold different layers, so
 with PP the sum also runs over `extra_group` (the pipeline group).
 
-Checkpoints. `full_state_dict` / `load_full_state_dict` use the keys of `trainer.optim.AdamW.state_dict`, so one
-file is written and read the same way by the single-process AdamW and by ZeRO with any DP size. Expert
-parameters are named and shaped as the model holds them: the LOCAL experts of this EP rank ([E/EP, ...]); the
-trainer assembles full expert tensors across EP with `parallel.apply.full_state` and cuts them back with
-`local_state`. `state_dict` / `load_state_dict` are the sharded form (each rank writes its pieces, tagged with
-their offsets in the flattened parameter) for resharding without gathering anything.
+Checkpoints. The state is named with the keys of `trainer.optim.AdamW.state_dict` (`master.<name>` for non-fp32
+parameters, `exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`), so one checkpoint serves the single-process
+AdamW and ZeRO with any DP size. `shards` returns what this rank holds, as ranges of each flattened parameter,
+and `load_shards` reads back just this rank's ranges, so checkpoints are written and read by every rank in
+parallel without gathering anything (trainer/checkpoint.py). `full_state_dict` gathers whole tensors (for
+tests and tools). Expert parameters are named and shaped as the model holds them: the LOCAL experts of this EP
+rank ([E/EP, ...]); `parallel.runtime.Runtime` maps their ranges into the full expert tensors.
 
 A parameter whose gradient is None counts as a zero gradient (its moments still decay and weight decay applies),
 as in Megatron; `trainer.optim.AdamW` skips it instead. In training every trained parameter gets a gradient.
@@ -52,7 +53,7 @@ as in Megatron; `trainer.optim.AdamW` skips it instead. In training every traine
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -310,29 +311,8 @@ class ZeroOptimizer:
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load full per-parameter tensors (a `full_state_dict()` or `trainer.optim.AdamW.state_dict()`, from any
-        DP size), keeping this rank's shard, then round the masters into the parameters. The masters of fp32
-        parameters are the parameters themselves (as in AdamW): load the model weights first. Every name and
-        shape is checked before anything is written. Collective (the final parameter gather)."""
-        expected: dict[str, torch.Size] = {}
-        for name, p in self.params.items():
-            if p.dtype != torch.float32:
-                expected[f"master.{name}"] = p.shape
-            expected[f"exp_avg.{name}"] = p.shape
-            expected[f"exp_avg_sq.{name}"] = p.shape
-            expected[f"step.{name}"] = torch.Size([])
-        _check_keys(expected, {k: t.shape for k, t in state.items()})
-        steps = {id(b): self._bucket_step(b, {name: int(state[f"step.{name}"]) for name in b.names})
-                 for b in self.buckets}
-        for b in self.buckets:
-            b.step = steps[id(b)]
-            for seg in b.segments:
-                p = self.params[seg.name]
-                n = seg.hi - seg.lo
-                master = state[f"master.{seg.name}"] if p.dtype != torch.float32 else p.detach()
-                b.master[seg.lo:seg.hi] = master.reshape(-1)[seg.start:seg.start + n].float()
-                b.exp_avg[seg.lo:seg.hi] = state[f"exp_avg.{seg.name}"].reshape(-1)[seg.start:seg.start + n]
-                b.exp_avg_sq[seg.lo:seg.hi] = state[f"exp_avg_sq.{seg.name}"].reshape(-1)[seg.start:seg.start + n]
-        self._gather_params()
+        DP size), keeping this rank's shard. See `load_shards`."""
+        self.load_shards({k: t.shape for k, t in state.items()}, lambda key, a, z: state[key].reshape(-1)[a:z])
 
     @staticmethod
     def _bucket_step(b: _Bucket, steps: dict[str, int]) -> int:
@@ -346,77 +326,55 @@ class ZeroOptimizer:
                              "same number of steps")
         return values.pop() if values else 0
 
-    # ---- checkpoints: sharded form ----------------------------------------------------------------------------
+    # ---- checkpoints: what this rank owns, written and read in place ------------------------------------------
+
+    def owned(self) -> dict[str, tuple[int, int]]:
+        """name -> the range [start, end) of the flattened parameter this rank's shards cover (parameters outside
+        its shards are absent). Over the DP group (dense) or expert-DP group (experts) the ranges partition every
+        parameter, so a checkpoint can give each element one writer."""
+        return {seg.name: (seg.start, seg.start + seg.hi - seg.lo) for b in self.buckets for seg in b.segments}
 
     @torch.no_grad()
-    def state_dict(self) -> dict[str, Tensor]:
-        """This rank's pieces, in a layout-independent form (copies, safetensors-ready): for every parameter that
-        intersects its shards, `master.<name>` (fp32, also for fp32 parameters), `exp_avg.<name>`,
-        `exp_avg_sq.<name>` (1-D slices of the flattened parameter), `range.<name>` (int64 [start, end) of the
-        slice), `shape.<name>` (int64, the parameter's shape) and `step.<name>` (0-d int64). No communication.
-        Expert pieces index the LOCAL experts of this EP rank."""
-        out: dict[str, Tensor] = {}
+    def shards(self) -> dict[str, tuple[int, Tensor]]:
+        """This rank's optimizer state under `full_state_dict`'s keys, each as (start, 1-D copy of the elements
+        [start, start + n) of the flattened tensor); `step.<name>` entries are whole. No communication."""
+        out: dict[str, tuple[int, Tensor]] = {}
         for b in self.buckets:
             for seg in b.segments:
-                n = seg.hi - seg.lo
-                out[f"master.{seg.name}"] = b.master[seg.lo:seg.hi].clone()
-                out[f"exp_avg.{seg.name}"] = b.exp_avg[seg.lo:seg.hi].clone()
-                out[f"exp_avg_sq.{seg.name}"] = b.exp_avg_sq[seg.lo:seg.hi].clone()
-                out[f"range.{seg.name}"] = torch.tensor([seg.start, seg.start + n], dtype=torch.int64)
-                out[f"shape.{seg.name}"] = torch.tensor(list(self.params[seg.name].shape), dtype=torch.int64)
-                out[f"step.{seg.name}"] = torch.tensor(b.step, dtype=torch.int64)
+                if self.params[seg.name].dtype != torch.float32:
+                    out[f"master.{seg.name}"] = (seg.start, b.master[seg.lo:seg.hi].clone())
+                out[f"exp_avg.{seg.name}"] = (seg.start, b.exp_avg[seg.lo:seg.hi].clone())
+                out[f"exp_avg_sq.{seg.name}"] = (seg.start, b.exp_avg_sq[seg.lo:seg.hi].clone())
+            for name in b.names:
+                out[f"step.{name}"] = (0, torch.tensor([b.step], dtype=torch.int64))
         return out
 
     @torch.no_grad()
-    def load_state_dict(self, states: dict[str, Tensor] | Sequence[dict[str, Tensor]]) -> None:
-        """Load sharded pieces written by `state_dict()` under any DP layout: pass the dicts of all saving ranks
-        (or any set whose pieces cover every parameter once). Each rank copies the overlap of every piece with its
-        own shard. Expert pieces index local experts, so with EP > 1 pass only the dicts of saving ranks that held
-        the same experts (overlapping pieces are refused); to change EP, go through `full_state_dict`. Collective
-        (the final parameter gather)."""
-        if isinstance(states, dict):
-            states = [states]
-        pieces: dict[str, list[tuple[int, int, dict[str, Tensor]]]] = {}
-        for st in states:
-            for key in st:
-                if not key.startswith("range."):
-                    continue
-                name = key[len("range."):]
-                if name not in self.params:
-                    raise ValueError(f"optimizer state has a piece of {name!r}, which this model does not train; "
-                                     "it was saved for another model config")
-                shape = tuple(int(x) for x in st[f"shape.{name}"])
-                if shape != tuple(self.params[name].shape):
-                    raise ValueError(f"optimizer state piece of {name!r} has shape {shape}, the parameter "
-                                     f"{tuple(self.params[name].shape)}; it was saved for another model config or "
-                                     "expert-parallel size")
-                start, end = (int(x) for x in st[key])
-                pieces.setdefault(name, []).append((start, end, st))
+    def load_shards(self, shapes: dict[str, torch.Size], read: Callable[[str, int, int], Tensor]) -> None:
+        """Load the state saved under `full_state_dict`'s keys by any layout: `shapes` gives every saved key's
+        (local) shape, `read(key, start, end)` the elements [start, end) of that flattened tensor. Each rank reads
+        only its own shard ranges. The masters of fp32 parameters are the parameters themselves (as in AdamW):
+        load the model weights first. Names and shapes are checked before anything is written. Collective (the
+        final parameter gather)."""
+        expected: dict[str, torch.Size] = {}
         for name, p in self.params.items():
-            covered = torch.zeros(p.numel(), dtype=torch.int32)
-            for start, end, _ in pieces.get(name, []):
-                covered[start:end] += 1
-            if not bool((covered == 1).all()):
-                what = "missing" if name not in pieces else ("overlapping (pieces from several EP ranks?)"
-                                                             if bool((covered > 1).any()) else "incomplete")
-                raise ValueError(f"optimizer state for {name!r} is {what}: the pieces must cover the flattened "
-                                 f"parameter ({p.numel()} elements) exactly once; pass the state_dict() of every "
-                                 "saving rank (with EP > 1, those holding the same experts)")
-        steps = {id(b): self._bucket_step(b, {name: int(st[f"step.{name}"]) for name in b.names
-                                              for _, _, st in pieces[name]}) for b in self.buckets}
+            if p.dtype != torch.float32:
+                expected[f"master.{name}"] = p.shape
+            expected[f"exp_avg.{name}"] = p.shape
+            expected[f"exp_avg_sq.{name}"] = p.shape
+            expected[f"step.{name}"] = torch.Size([])
+        _check_keys(expected, {k: torch.Size(s) for k, s in shapes.items()})
+        steps = {id(b): self._bucket_step(b, {name: int(read(f"step.{name}", 0, 1)[0]) for name in b.names})
+                 for b in self.buckets}
         for b in self.buckets:
             b.step = steps[id(b)]
             for seg in b.segments:
-                lo_p, hi_p = seg.start, seg.start + seg.hi - seg.lo  # wanted range of the flattened parameter
-                for start, end, st in pieces[seg.name]:
-                    a, z = max(lo_p, start), min(hi_p, end)
-                    if a >= z:
-                        continue
-                    dst = slice(seg.lo + a - lo_p, seg.lo + z - lo_p)
-                    src = slice(a - start, z - start)
-                    b.master[dst] = st[f"master.{seg.name}"][src]
-                    b.exp_avg[dst] = st[f"exp_avg.{seg.name}"][src]
-                    b.exp_avg_sq[dst] = st[f"exp_avg_sq.{seg.name}"][src]
+                p = self.params[seg.name]
+                a, z = seg.start, seg.start + seg.hi - seg.lo
+                master = read(f"master.{seg.name}", a, z) if p.dtype != torch.float32 else p.detach().reshape(-1)[a:z]
+                b.master[seg.lo:seg.hi] = master.float()
+                b.exp_avg[seg.lo:seg.hi] = read(f"exp_avg.{seg.name}", a, z)
+                b.exp_avg_sq[seg.lo:seg.hi] = read(f"exp_avg_sq.{seg.name}", a, z)
         self._gather_params()
 
 

@@ -1,41 +1,57 @@
-"""Atomic, pickle-free training checkpoints under `<run_dir>/checkpoints/`.
+"""Atomic, pickle-free, sharded training checkpoints under `<run_dir>/checkpoints/`, written by every rank.
 
     checkpoints/
-      step_00000100/            one complete checkpoint
-        model.safetensors       one file per tensor group ("model", "optim", "ema", "rng", ...)
-        optim.safetensors
-        rng.safetensors
-        meta.json               the caller's meta + {"format", "step", "files": {file name: bytes}}
+      step_00000100/              one complete checkpoint
+        rank_00000.safetensors    the pieces rank 0 owns, of every tensor group ("model", "optim", "ema", "rng")
+        rank_00001.safetensors    ... one file per rank, all written at the same time
+        meta.json                 the caller's meta + {"format", "step", "files": {name: bytes}, "tensors": index}
       step_00000200/
-      latest                    "step_00000200": the newest checkpoint, updated last
+      latest                      "step_00000200": the newest checkpoint, updated last
 
-A checkpoint is written into `step_<8-digit step>.tmp-<pid>`, every file and the directory are fsynced, the
-directory is renamed into place and only then does `latest` move (write, fsync, rename). A crash at any
-point leaves the previous checkpoint readable: `latest_checkpoint` checks that the directory it returns is
-complete and otherwise falls back to the newest complete one. Only safetensors and JSON are read back, so
-loading a checkpoint never executes code from it.
+Layout independence. Every tensor is stored under its global name and shape, as the single-process model
+holds it (all routed experts, the whole optimizer state), cut into pieces: a piece is a contiguous range
+[start, end) of the tensor flattened in row-major order, held by one rank. A ZeRO-1 shard is such a range of
+each parameter it touches, and an expert-parallel rank's block of experts is one too (experts are dim 0), so
+every rank writes exactly what it holds and nothing is gathered. meta.json indexes every piece (file, key,
+range); a reader of any layout reads the ranges it needs, partially, from the files that hold them
+(`CheckpointReader.read`). The pieces of a tensor must cover it exactly once: the save checks that before it
+commits, so a checkpoint with a hole or an overlap is never published.
+
+Why not torch.distributed.checkpoint: its metadata file is a pickle (we never unpickle what we load), and
+ZeRO-1's flat shards, which cut across parameter boundaries at arbitrary offsets, are not DTensor placements.
+The format here is safetensors (a field library) plus a JSON index.
+
+Atomicity (all ranks must see `run_dir`, as on a cluster's shared file system): rank 0 creates
+`step_<8-digit step>.tmp-<pid>`; every rank writes and fsyncs its file there; rank 0 gathers the indexes,
+checks the coverage, writes meta.json, renames the directory into place and only then moves `latest`
+(write, fsync, rename). A crash or an error on any rank at any point leaves the previous checkpoint readable
+and raises on every rank; `latest_checkpoint` checks that the directory it returns is complete and otherwise
+falls back to the newest complete one. Only safetensors and JSON are read back, so loading never executes code.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
-FORMAT = 1
+FORMAT = 2
 # memory savers (paper 3.2.3) and the expert-GEMM backend: the same weights, so a checkpoint may switch them
 RUNTIME_ONLY_FIELDS = ("recompute_norm", "recompute_mla_up_proj", "expert_gemm")
 
@@ -46,6 +62,24 @@ _GROUP = re.compile(r"[A-Za-z0-9_]+")
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt or incompatible; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Elements [start, start + data.numel()) of a tensor of `shape`, flattened in row-major order: the part of
+    a global tensor one rank writes. A plain tensor passed to `save_checkpoint` is the whole of itself."""
+
+    data: torch.Tensor
+    shape: tuple[int, ...]
+    start: int = 0
+
+    @staticmethod
+    def whole(tensor: torch.Tensor) -> Shard:
+        return Shard(tensor, tuple(tensor.shape), 0)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.data.numel()
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -63,57 +97,152 @@ def ensure_writable(run_dir: Path) -> None:
                               "with trainer.run_dir=<path> or fix its permissions") from err
 
 
-def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
-                    keep: int) -> Path:
-    """Write `tensors` (group -> name -> tensor) and `meta` as checkpoint `step`, atomically; return its path.
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
-    Each group becomes `<group>.safetensors` (contiguous CPU copies, one group in memory at a time); `meta`
-    must be JSON-serialisable and goes to meta.json with the step and the files written. Saving a step that
-    exists replaces it. Afterwards only the newest `keep` complete checkpoints remain (`latest` is always one
-    of them) and temporary directories of dead writers are removed.
+
+def _agree(world: int, value: Any) -> Any:
+    """Rank 0's value on every rank (a no-op in one process)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _raise_if_error(outcome: Any) -> Any:
+    """Outcomes travel between ranks as ("ok", value) or (exception class name, message)."""
+    kind, value = outcome
+    if kind == "ok":
+        return value
+    raise (ValueError if kind == "ValueError" else CheckpointError)(value)
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor | Shard]], meta: dict,
+                    keep: int) -> Path:
+    """Write checkpoint `step` from every rank's pieces, atomically; return its path. Collective: with
+    torch.distributed initialised, every rank calls it (with its own `tensors`; rank 0's `meta` is written).
+
+    `tensors` is group -> global name -> a `Shard` this rank writes (or a whole tensor). Across ranks the pieces
+    of each name must agree on shape and dtype and cover it exactly once; otherwise nothing is published and
+    every rank raises. `meta` must be JSON-serialisable; it goes to meta.json with the step, the files and the
+    index. Saving a step that exists replaces it. Afterwards only the newest `keep` complete checkpoints remain
+    (`latest` is always one of them) and temporary directories of dead writers are removed.
     """
-    if keep < 1:
-        raise ValueError(f"keep={keep}: at least the checkpoint just written must be kept")
-    if "files" in meta or meta.get("step", step) != step:
-        raise ValueError(f"meta may not hold 'files' and its 'step' must equal step={step}")
+    world, rank = _world()
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     tmp = root / f"{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        files = {f"{group}.safetensors": _write_group(tmp, group, named) for group, named in tensors.items()}
-        record = {**meta, "format": FORMAT, "step": step, "files": files}
+    if rank == 0:
         try:
-            text = json.dumps(record, indent=1)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"checkpoint meta is not JSON-serialisable: {err}") from err
-        _write_durable(tmp / META, text.encode())
-        _fsync_dir(tmp)
-        final = _move_into_place(tmp, root / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_durable(root / f"{LATEST}.tmp-{os.getpid()}", (name + "\n").encode())
-    os.replace(root / f"{LATEST}.tmp-{os.getpid()}", root / LATEST)
-    _fsync_dir(root)
-    _prune(root, keep)
-    return final
+            if keep < 1:
+                raise ValueError(f"keep={keep}: at least the checkpoint just written must be kept")
+            if "files" in meta or "tensors" in meta or meta.get("step", step) != step:
+                raise ValueError(f"meta may not hold 'files' or 'tensors' and its 'step' must equal step={step}")
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            outcome = ("ok", tmp)
+        except (ValueError, OSError) as err:
+            outcome = (type(err).__name__, str(err))
+    tmp = _raise_if_error(_agree(world, outcome if rank == 0 else None))
+
+    try:
+        written = ("ok", _write_pieces(tmp, f"rank_{rank:05d}.safetensors", tensors))
+    except (ValueError, OSError, RuntimeError) as err:
+        written = (type(err).__name__, f"rank {rank}: {err}")
+    everyone = [None] * world
+    if world == 1:
+        everyone = [written]
+    else:
+        dist.gather_object(written, everyone if rank == 0 else None, dst=0)
+
+    if rank == 0:
+        try:
+            failed = [w for w in everyone if w[0] != "ok"]
+            if failed:
+                raise (ValueError if failed[0][0] == "ValueError" else CheckpointError)(
+                    "; ".join(w[1] for w in failed))
+            files = {file: size for _, (file, size, _) in everyone}
+            index = _merge_indexes([idx for _, (_, _, idx) in everyone])
+            record = {**meta, "format": FORMAT, "step": step, "files": files, "tensors": index}
+            try:
+                text = json.dumps(record, indent=1)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"checkpoint meta is not JSON-serialisable: {err}") from err
+            _write_durable(tmp / META, text.encode())
+            _fsync_dir(tmp)
+            final = _move_into_place(tmp, root / name)
+            _write_durable(root / f"{LATEST}.tmp-{os.getpid()}", (name + "\n").encode())
+            os.replace(root / f"{LATEST}.tmp-{os.getpid()}", root / LATEST)
+            _fsync_dir(root)
+            _prune(root, keep)
+            outcome = ("ok", final)
+        except (ValueError, OSError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome = (type(err).__name__, str(err))
+    return _raise_if_error(_agree(world, outcome if rank == 0 else None))
 
 
-def _write_group(directory: Path, group: str, named: dict[str, torch.Tensor]) -> int:
-    """Write one group as <group>.safetensors, fsynced; return its size in bytes."""
-    if not _GROUP.fullmatch(group):
-        raise ValueError(f"tensor group name {group!r}: use letters, digits and '_' (it becomes a file name)")
-    # fresh contiguous CPU copies: safetensors refuses views sharing storage, and GPU tensors must come home
-    copies = {n: torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()) for n, t in named.items()}
-    path = directory / f"{group}.safetensors"
-    save_file(copies, str(path), metadata={"format": "pt", "group": group})
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write_pieces(directory: Path, file: str, tensors: dict[str, dict[str, torch.Tensor | Shard]],
+                  ) -> tuple[str, int, dict]:
+    """Write this rank's pieces as one safetensors file, fsynced; return (file, bytes, its index)."""
+    copies, index = {}, {}
+    for group, named in tensors.items():
+        if not _GROUP.fullmatch(group):
+            raise ValueError(f"tensor group name {group!r}: use letters, digits and '_' (it prefixes keys)")
+        for name, piece in named.items():
+            piece = piece if isinstance(piece, Shard) else Shard.whole(piece)
+            if not 0 <= piece.start <= piece.end <= math.prod(piece.shape):
+                raise ValueError(f"{group}/{name}: piece [{piece.start}, {piece.end}) lies outside a tensor of "
+                                 f"shape {list(piece.shape)}")
+            key = f"{group}/{name}/{piece.start}"
+            # fresh contiguous CPU copies: safetensors refuses views sharing storage, and GPU tensors must come home
+            copies[key] = torch.empty(piece.data.numel(), dtype=piece.data.dtype).copy_(piece.data.detach().reshape(-1))
+            index.setdefault(group, {})[name] = {"shape": list(piece.shape), "dtype": _dtype_name(piece.data.dtype),
+                                                 "pieces": [[file, key, piece.start, piece.end]]}
+    path = directory / file
+    save_file(copies, str(path), metadata={"format": "pt"})
     # safetensors creates files as 0600; give them the umask's mode, as the directory got, for other readers
     os.chmod(path, directory.stat().st_mode & 0o666)
     _fsync_file(path)
-    return path.stat().st_size
+    return file, path.stat().st_size, index
+
+
+def _merge_indexes(indexes: list[dict]) -> dict:
+    """One index from every rank's; checks that each tensor's pieces agree and cover it exactly once."""
+    merged: dict[str, dict[str, dict]] = {}
+    for index in indexes:
+        for group, named in index.items():
+            for name, entry in named.items():
+                seen = merged.setdefault(group, {}).get(name)
+                if seen is None:
+                    merged[group][name] = {**entry, "pieces": list(entry["pieces"])}
+                    continue
+                if (seen["shape"], seen["dtype"]) != (entry["shape"], entry["dtype"]):
+                    raise ValueError(f"{group}/{name}: ranks disagree on its shape or dtype ({seen['shape']} "
+                                     f"{seen['dtype']} vs {entry['shape']} {entry['dtype']})")
+                seen["pieces"] += entry["pieces"]
+    for group, named in merged.items():
+        for name, entry in named.items():
+            entry["pieces"].sort(key=lambda p: p[2])
+            at = 0
+            for file, _, start, end in entry["pieces"]:
+                if start != at:
+                    what = "overlaps the previous piece" if start < at else f"leaves [{at}, {start}) unwritten"
+                    raise ValueError(f"{group}/{name}: the piece from {file} at [{start}, {end}) {what}; every "
+                                     "element must be written by exactly one rank")
+                at = end
+            if at != math.prod(entry["shape"]):
+                raise ValueError(f"{group}/{name}: the pieces leave [{at}, {math.prod(entry['shape'])}) unwritten; "
+                                 "every element must be written by exactly one rank")
+    return merged
 
 
 def _move_into_place(tmp: Path, final: Path) -> Path:
@@ -265,38 +394,92 @@ def resolve_checkpoint(path: Path) -> Path:
     return path  # a step_* directory without meta.json fails in _read_meta, which says so
 
 
+class CheckpointReader:
+    """Reads a checkpoint of any layout: whole tensors, or just a range of one (what a rank of another layout
+    owns), from the files that hold it, without reading the rest. Only JSON and safetensors are parsed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = resolve_checkpoint(path)
+        self.meta = _read_meta(self.path)
+        if self.meta.get("format") != FORMAT or not isinstance(self.meta.get("tensors"), dict):
+            raise CheckpointError(f"{self.path / META}: checkpoint format {self.meta.get('format')!r}, this version "
+                                  f"reads format {FORMAT} (sharded, with a tensor index); resume it with the "
+                                  "version that wrote it, or start anew (trainer.resume=null)")
+        fix = "the checkpoint is damaged; resume from another step_* directory (trainer.resume=<path>) or delete it"
+        for file, size in self.meta["files"].items():
+            found = self.path / file
+            if not found.is_file():
+                raise CheckpointError(f"{found}: missing; {fix}")
+            if found.stat().st_size != size:
+                raise CheckpointError(f"{found}: {found.stat().st_size} bytes, meta.json recorded {size} "
+                                      f"(truncated?); {fix}")
+        self._fix = fix
+        self._open: dict[str, Any] = {}
+
+    @property
+    def groups(self) -> list[str]:
+        return sorted(self.meta["tensors"])
+
+    def names(self, group: str) -> list[str]:
+        return list(self._group(group))
+
+    def shape(self, group: str, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(group, name)["shape"])
+
+    def has(self, group: str, name: str) -> bool:
+        return name in self.meta["tensors"].get(group, {})
+
+    def read(self, group: str, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor (all of it by default), as a 1-D CPU tensor."""
+        entry = self._entry(group, name)
+        numel = math.prod(entry["shape"])
+        end = numel if end is None else end
+        if not 0 <= start <= end <= numel:
+            raise CheckpointError(f"{self.path}: {group}/{name} has {numel} elements, range [{start}, {end}) asked")
+        out = torch.empty(end - start, dtype=getattr(torch, entry["dtype"]))
+        for file, key, lo, hi in entry["pieces"]:
+            a, z = max(start, lo), min(end, hi)
+            if a < z:
+                out[a - start:z - start] = self._slice(file, key, a - lo, z - lo)
+        return out
+
+    def tensor(self, group: str, name: str) -> torch.Tensor:
+        return self.read(group, name).view(self.shape(group, name))
+
+    def _group(self, group: str) -> dict:
+        if group not in self.meta["tensors"]:
+            raise CheckpointError(f"{self.path}: no tensor group {group!r}; it holds {self.groups}")
+        return self.meta["tensors"][group]
+
+    def _entry(self, group: str, name: str) -> dict:
+        named = self._group(group)
+        if name not in named:
+            raise CheckpointError(f"{self.path}: {group} has no tensor {name!r}; it was written by another model "
+                                  "config. Resume with the config it was written with, or start anew")
+        return named[name]
+
+    def _slice(self, file: str, key: str, a: int, z: int) -> torch.Tensor:
+        try:
+            if file not in self._open:
+                self._open[file] = safe_open(str(self.path / file), framework="pt")
+            return self._open[file].get_slice(key)[a:z]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{self.path / file}: not a readable safetensors file or lacks {key!r} "
+                                  f"({err}); {self._fix}") from err
+
+
 def load_checkpoint(path: Path, groups: Iterable[str] | None = None,
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Read a checkpoint: (group -> name -> CPU tensor, meta.json as a dict).
+    """Read a checkpoint as whole tensors: (group -> name -> CPU tensor, meta.json as a dict).
 
     `path` is a step_* directory, or a run directory (its `latest_checkpoint` is read). `groups` limits the
     tensor groups read (e.g. ("model",) for an export); None reads all. Only safetensors and JSON are parsed,
     never pickle. A missing, truncated or corrupt file raises CheckpointError naming it.
     """
-    path = resolve_checkpoint(path)
-    meta = _read_meta(path)
-    wanted = None if groups is None else set(groups)
-    tensors = {}
-    for name, size in meta["files"].items():
-        group = name.removesuffix(".safetensors")
-        if wanted is None or group in wanted:
-            tensors[group] = _read_group(path / name, size)
-    missing = sorted((wanted or set()) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path}: no tensor group(s) {missing}; it holds {sorted(meta['files'])}")
-    return tensors, meta
-
-
-def _read_group(file: Path, size: int) -> dict[str, torch.Tensor]:
-    fix = "the checkpoint is damaged; resume from another step_* directory (trainer.resume=<path>) or delete it"
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing; {fix}")
-    if file.stat().st_size != size:
-        raise CheckpointError(f"{file}: {file.stat().st_size} bytes, meta.json recorded {size} (truncated?); {fix}")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({err}); {fix}") from err
+    reader = CheckpointReader(path)
+    wanted = reader.groups if groups is None else list(groups)
+    tensors = {group: {name: reader.tensor(group, name) for name in reader.names(group)} for group in wanted}
+    return tensors, reader.meta
 
 
 # ---------------------------------------------------------------------------------------------- compatibility

@@ -31,18 +31,18 @@ def export(checkpoint: Path, out_dir: Path, ema: bool = False) -> tuple[Path, in
     model = Transformer(model_config(saved))  # fp32, whatever the training dtype was
     state = tensors["model"]
     if ema:
-        if "ema.safetensors" not in meta["files"]:
+        if "ema" not in meta["tensors"]:
             raise CheckpointError(f"{path}: no EMA weights in this checkpoint; train with trainer.ema_decay "
                                   "(e.g. 0.999) or export without --ema")
         averaged = load_checkpoint(path, groups=("ema",))[0]["ema"]
         extra = sorted(set(averaged) - set(state))
         if extra:
-            raise CheckpointError(f"{path / 'ema.safetensors'}: tensors the model lacks: {extra[:10]}")
+            raise CheckpointError(f"{path}: EMA tensors the model lacks: {extra[:10]}")
         state = {**state, **averaged}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{path / 'model.safetensors'}: does not fit config.model of meta.json "
+        raise CheckpointError(f"{path}: the model tensors do not fit config.model of meta.json "
                               f"({' '.join(str(err).split())[:300]})") from err
     save_hf(model, out_dir)
     return path, meta["step"]

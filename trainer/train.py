@@ -38,10 +38,10 @@ from parallel.runtime import Runtime
 from trainer.balance import BiasBalancer
 from trainer.checkpoint import (
     CheckpointError,
+    CheckpointReader,
     check_compatible,
     ensure_writable,
     latest_checkpoint,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -110,30 +110,31 @@ def resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
 
 def save(run_dir: Path, cfg: RunConfig, rt: Runtime, state: TrainState, model: Transformer, opt,
          data: DataPipeline, ema: EMA | None) -> None:
-    """Every rank contributes its shards; rank 0 writes layout-independent full tensors."""
-    tensors = {"model": rt.full_model_state(model), "optim": rt.full_optim_state(opt), "rng": rng_state()}
+    """Every rank writes its own pieces at once (trainer/checkpoint.py); collective."""
+    tensors = {"model": rt.model_shards(model.state_dict(), opt), "optim": rt.optim_shards(opt),
+               "rng": {f"{rt.rank}.{name}": t for name, t in rng_state().items()}}
     if ema is not None:
-        ema.wait()
-        tensors["ema"] = rt.full_state(ema.state_dict())
-    if rt.is_main:
-        meta = {"step": state.step, "tokens": state.tokens, "skipped_in_row": state.skipped_in_row,
-                "data": data.state_dict(), "config": cfg.to_dict(),
-                "layout": {"pp": cfg.parallel.pp, "ep": rt.ep, "dp": rt.dp}}
-        save_checkpoint(run_dir, state.step, tensors, meta, keep=cfg.trainer.keep_checkpoints)
-    rt.barrier()
+        tensors["ema"] = rt.model_shards(ema.state_dict(), opt)
+    meta = {"step": state.step, "tokens": state.tokens, "skipped_in_row": state.skipped_in_row,
+            "data": data.state_dict(), "config": cfg.to_dict(),
+            "layout": {"pp": cfg.parallel.pp, "ep": rt.ep, "dp": rt.dp, "world_size": rt.world_size}}
+    save_checkpoint(run_dir, state.step, tensors, meta, keep=cfg.trainer.keep_checkpoints)
 
 
-def restore(path: Path, cfg: RunConfig, rt: Runtime, model: Transformer, opt,
-            data: DataPipeline) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
-    """Load a checkpoint written with any (DP, EP) layout; returns the loop state and the full EMA tensors."""
-    tensors, meta = load_checkpoint(path)
+def restore(path: Path, cfg: RunConfig, rt: Runtime, model: Transformer, opt, data: DataPipeline,
+            ) -> tuple[TrainState, CheckpointReader]:
+    """Load a checkpoint written with any (DP, EP) layout: each rank reads only what it holds. Random generators
+    come back per rank (rank r takes the saved rank r's, or rank 0's when the saving job was smaller)."""
+    reader = CheckpointReader(path)
+    meta = reader.meta
     check_compatible(meta, cfg.model.to_dict(), layout=None)
-    rt.load_model_state(model, tensors["model"])
-    rt.load_optim_state(opt, tensors["optim"])
+    rt.load_model_state(model, reader)
+    rt.load_optim_state(opt, reader)
     data.load_state_dict(meta["data"])
-    set_rng_state(tensors["rng"])
-    state = TrainState(meta["step"], meta["tokens"], meta.get("skipped_in_row", 0))
-    return state, tensors.get("ema")
+    rank = rt.rank if reader.has("rng", f"{rt.rank}.torch_cpu") else 0
+    set_rng_state({name.split(".", 1)[1]: reader.tensor("rng", name) for name in reader.names("rng")
+                   if name.startswith(f"{rank}.")})
+    return TrainState(meta["step"], meta["tokens"], meta.get("skipped_in_row", 0)), reader
 
 
 @torch.no_grad()
@@ -199,16 +200,16 @@ def train(cfg: RunConfig, run_dir: Path, rt: Runtime | None = None) -> TrainStat
     device = resolve_device(cfg.trainer.device)
     model, opt, data = build(cfg, rt, device)
     balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=rt.dp_group)
-    state, ema_tensors = TrainState(), None
+    state, reader = TrainState(), None
     checkpoint = resume_from(cfg, run_dir)
     if checkpoint is not None:
-        state, ema_tensors = restore(checkpoint, cfg, rt, model, opt, data)
+        state, reader = restore(checkpoint, cfg, rt, model, opt, data)
         if rt.is_main:
             print(f"resumed from {checkpoint} at step {state.step}", flush=True)
     # built after the restore, so that an EMA switched on at resume starts from the trained weights
     ema = EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
-    if ema is not None and ema_tensors is not None:
-        ema.load_state_dict(rt.local_state(ema_tensors))
+    if ema is not None and reader is not None and "ema" in reader.groups:
+        ema.load_state_dict(rt.read_local(reader, "ema", {name: t.shape for name, t in ema.state_dict().items()}))
     metrics = Metrics(run_dir, cfg.logging, cfg.trainer.max_steps, cfg.to_dict(), resume_step=state.step) \
         if rt.is_main else _Quiet()
     valid = data.valid_batches(cfg.trainer.eval_batches, cfg.trainer.micro_batch_size) if cfg.trainer.eval_every \

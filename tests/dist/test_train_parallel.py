@@ -81,17 +81,56 @@ def test_parallel_layouts_equal_the_single_process_run(tmp_path, world, ep, gpus
         torch.testing.assert_close(weights[name], ref, rtol=0, atol=2e-5, msg=name)
 
 
+EP2 = ["parallel.ep=2", "parallel.gpus_per_node=2"]
+
+
 @pytest.mark.slow
-def test_checkpoint_from_dp2_resumes_in_one_process(tmp_path):
-    """Layout-independent checkpoints: 3 steps on DP=2 (ZeRO-1), then 2 more in one process, equal 5 steps in
-    one process."""
+def test_same_layout_resume_is_bitwise(tmp_path):
+    """EP=2 x DP=2 with an EMA: 2 steps, a checkpoint written by all four ranks (one file each, nothing gathered),
+    then 2 more steps from it, equal 4 uninterrupted steps bit for bit: losses, weights, optimizer and EMA."""
+    from trainer.checkpoint import load_checkpoint
+
+    cache = tmp_path / "cache"
+    common = [f"data.cache_dir={cache}", "trainer.micro_batch_size=2", "trainer.ema_decay=0.9", *EP2]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_distributed(_train, 4, common + ["trainer.max_steps=4", f"trainer.run_dir={straight}"], str(straight))
+    run_distributed(_train, 4, common + ["trainer.max_steps=2", f"trainer.run_dir={resumed}"], str(resumed))
+    first = resumed / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in first.glob("rank_*")) == [f"rank_{r:05d}.safetensors" for r in range(4)]
+    index = json.loads((first / "meta.json").read_text())["tensors"]
+    for kind in ("experts", "attn"):  # every rank wrote its own ZeRO shards of the routed experts and of the rest
+        writers = {p[0] for key, entry in index["optim"].items() if f".{kind}." in key for p in entry["pieces"]}
+        assert len(writers) == 4, (kind, writers)
+    run_distributed(_train, 4, common + ["trainer.max_steps=4", f"trainer.run_dir={resumed}"], str(resumed))
+    assert losses(resumed) == losses(straight)
+    a, b = load_checkpoint(straight)[0], load_checkpoint(resumed)[0]
+    for group in ("model", "optim", "ema"):
+        assert a[group].keys() == b[group].keys()
+        for name in a[group]:
+            assert torch.equal(a[group][name], b[group][name]), (group, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [
+    ((2, []), (1, [])),  # DP=2 (ZeRO-1) -> one process
+    ((4, ["parallel.ep=4", "parallel.gpus_per_node=2"]), (2, ["parallel.ep=2"])),  # EP=4 x DP=4 -> EP=2 x DP=2
+])
+def test_checkpoint_resumes_on_another_layout(tmp_path, before, after):
+    """Layout-independent checkpoints: 3 steps on one layout, then 2 more on another, equal 5 steps in one
+    process on the same global batch."""
     from trainer.train import train
 
     cache = tmp_path / "cache"
     ref_losses, _ = single_process(tmp_path, cache, micro=8)
     run = tmp_path / "resharded"
     common = [f"data.cache_dir={cache}", f"trainer.run_dir={run}"]
-    run_distributed(_train, 2, common + ["trainer.micro_batch_size=4", "trainer.max_steps=3"], str(run))
-    train(config(common + ["trainer.micro_batch_size=8"], 1), run)
+    (world, extra), (world2, extra2) = before, after
+    run_distributed(_train, world, common + extra + [f"trainer.micro_batch_size={8 // world}", "trainer.max_steps=3"],
+                    str(run))
+    overrides = common + extra2 + [f"trainer.micro_batch_size={8 // world2}"]
+    if world2 == 1:
+        train(config(overrides, 1), run)
+    else:
+        run_distributed(_train, world2, overrides, str(run))
     torch.testing.assert_close(torch.tensor(losses(run), dtype=torch.float64),
                                torch.tensor(ref_losses, dtype=torch.float64), rtol=1e-6, atol=0)

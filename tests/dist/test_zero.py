@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.apply import full_state, is_expert_param
+from parallel.apply import is_expert_param
 from parallel.zero import ZeroOptimizer
 from tests.dist.conftest import run_distributed
 from trainer.optim import AdamW, OptimConfig, attach_main_grads, clip_grad_norm_, grad_of
@@ -215,21 +215,34 @@ def _scenario(rank: int, world: int, experts: bool, dtype: torch.dtype, moments:
     with pytest.raises(ValueError, match="missing"):
         zero2.load_full_state_dict({k: v for k, v in full.items() if not k.startswith("exp_avg_sq.")})
 
-    # The sharded form: the DP-4 pieces of every rank, loaded into another DP-2 optimizer, give the same state.
-    # Expert pieces index local experts: keep those of the saving ranks with this rank's EP rank.
-    pieces: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
-    dist.all_gather_object(pieces, zero.state_dict())
-    mine = [{k: v for k, v in st.items() if not k.endswith(EXPERT) or r % 2 == sh.ep_rank}
-            for r, st in enumerate(pieces)]
+    # The sharded form: every rank's shards() (DP 4), assembled by range, loaded into another DP-2 optimizer that
+    # reads only its own ranges, give the same state. Expert ranges index local experts: for expert keys use the
+    # saving ranks with this rank's EP rank; dense keys come from all four.
+    everyone: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(everyone, zero.shards())
+    owned: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(owned, zero.owned())
+    for name, p in zero.params.items():  # owned() partitions each (local) parameter over its ZeRO group
+        group = [r for r in range(world) if not (experts and name.endswith(EXPERT)) or r % 2 == sh.ep_rank]
+        cover = sorted(owned[r][name] for r in group if name in owned[r])
+        assert cover[0][0] == 0 and cover[-1][1] == p.numel(), (name, cover)
+        assert all(x[1] == y[0] for x, y in zip(cover, cover[1:])), (name, cover)
+
+    def read(key: str, a: int, z: int) -> torch.Tensor:
+        expert = key.endswith(EXPERT) and not key.startswith("step.")
+        whole = torch.zeros(full[key].numel(), dtype=full[key].dtype)
+        for r, st in enumerate(everyone):
+            if key in st and not (experts and expert and r % 2 != sh.ep_rank):
+                start, data = st[key]
+                whole[start:start + data.numel()] = data
+        return whole[a:z]
+
     model3 = copy.deepcopy(model)
     sh3 = Sharded(model3, ep_group if experts else None, sh.ep_rank, ep)
     zero3 = ZeroOptimizer(sh3.named_params(), cfg, dp_group=dp2_groups[rank // 2],
                           expert_dp_group=single[rank] if experts else None, is_expert=is_expert_param)
-    zero3.load_state_dict(mine)
+    zero3.load_shards({k: t.shape for k, t in full.items()}, read)
     _close(zero3.full_state_dict(), full, dict(rtol=0, atol=0), "sharded-form reload")
-    if experts:
-        with pytest.raises(ValueError, match="overlapping"):
-            zero3.load_state_dict(pieces)
 
     # Single-process AdamW resumed from the ZeRO state (experts assembled over EP), trained on the sub-world's
     # data, must match the DP-2 ZeRO continuation.
@@ -240,9 +253,13 @@ def _scenario(rank: int, world: int, experts: bool, dtype: torch.dtype, moments:
             dist.all_gather(parts, sh.local.detach(), group=ep_group)
             ref2_model.ffn.experts.w.copy_(torch.cat(parts))
     ref2 = AdamW(ref2_model.named_parameters(), cfg)
-    # parallel.apply.full_state gathers every matching key along dim 0: leave out the 0-d step entries.
-    ref2.load_state_dict(full_state(full, ep_group, ep,
-                                    expert_key=lambda k: k.endswith(EXPERT) and not k.startswith("step.")))
+    whole = dict(full)
+    for key, t in full.items():  # the expert entries (not the 0-d steps) assembled over the EP group
+        if experts and key.endswith(EXPERT) and not key.startswith("step."):
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            dist.all_gather(parts, t.contiguous(), group=ep_group)
+            whole[key] = torch.cat(parts)
+    ref2.load_state_dict(whole)
     for step in range(5, 7):
         _reference_grads(ref2_model, step, sub)
         sh2.backward(step, rank)

@@ -103,7 +103,8 @@ def test_rank_that_raises_ends_the_job(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "RuntimeError: dist_probe: rank 1 fails on purpose" in output
-    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: 1 ", root_cause(output)), output[-3000:]
+    # exit code 1, or SIGABRT (-6) when gloo's threads abort while the interpreter exits after the exception
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: (1|-6) ", root_cause(output)), output[-3000:]
     assert seconds < 60
 
 

@@ -133,14 +133,16 @@ def test_resume_from_another_model_is_refused(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_bf16_run_keeps_router_and_master_weights_in_fp32(tmp_path, cache_dir):
     import torch
-    from safetensors.torch import load_file
+
+    from trainer.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     result = hai_train(["trainer.max_steps=2", "trainer.dtype=bf16", "optim.moment_dtype=bf16",
                         f"trainer.run_dir={run}"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_00000002"
-    model, optim = load_file(ckpt / "model.safetensors"), load_file(ckpt / "optim.safetensors")
+    tensors, _ = load_checkpoint(ckpt)
+    model, optim = tensors["model"], tensors["optim"]
     assert model["layers.1.ffn.gate.weight"].dtype == torch.float32
     assert model["layers.1.ffn.gate.bias"].dtype == torch.float32
     assert model["layers.1.attn.wkv_a.weight"].dtype == torch.bfloat16

@@ -15,6 +15,8 @@ from tests.conftest import small_config
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import (
     CheckpointError,
+    CheckpointReader,
+    Shard,
     check_compatible,
     ensure_writable,
     latest_checkpoint,
@@ -33,6 +35,9 @@ def tensors(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
                       "m": torch.randint(0, 255, (5,), generator=g, dtype=torch.uint8)}}
 
 
+RANK0 = "rank_00000.safetensors"
+
+
 def save(run_dir, step, keep=3, **meta):
     return save_checkpoint(run_dir, step, tensors(step), {"step": step, "tokens": 10 * step, **meta}, keep=keep)
 
@@ -41,12 +46,14 @@ def test_layout_and_latest_pointer(tmp_path):
     path = save(tmp_path, 7)
     root = tmp_path / "checkpoints"
     assert path == root / "step_00000007"
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "optim.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "rank_00000.safetensors"]
     assert (root / "latest").read_text().strip() == "step_00000007"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000007"]  # no temporaries left
     meta = json.loads((path / "meta.json").read_text())
     assert meta["step"] == 7 and meta["tokens"] == 70
-    assert set(meta["files"]) == {"model.safetensors", "optim.safetensors"}
+    assert set(meta["files"]) == {"rank_00000.safetensors"} and meta["format"] == ckpt.FORMAT
+    assert meta["tensors"]["model"]["w_t"] == {"shape": [4, 6], "dtype": "float32",
+                                               "pieces": [["rank_00000.safetensors", "model/w_t/0", 0, 24]]}
     assert latest_checkpoint(tmp_path) == path
 
 
@@ -91,10 +98,10 @@ def test_crash_leftovers_are_handled(tmp_path):
     # a writer that died mid-save (pid that cannot exist), and a complete step 3 renamed but never pointed to
     dead = root / "step_00000009.tmp-999999999"
     dead.mkdir()
-    (dead / "model.safetensors").write_bytes(b"partial")
+    (dead / RANK0).write_bytes(b"partial")
     assert latest_checkpoint(tmp_path) == good
     # latest names a directory that lost a file: fall back to the newest complete one
-    (good / "optim.safetensors").unlink()
+    (good / RANK0).unlink()
     assert latest_checkpoint(tmp_path) == root / "step_00000001"
     # a corrupt pointer
     (root / "latest").write_text("../../etc")
@@ -116,13 +123,13 @@ def test_nothing_to_resume(tmp_path):
 
 def test_missing_meta_and_corrupt_files_name_the_file(tmp_path):
     path = save(tmp_path, 1)
-    (path / "model.safetensors").write_bytes(b"\x00" * (path / "model.safetensors").stat().st_size)
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    (path / RANK0).write_bytes(b"\x00" * (path / RANK0).stat().st_size)
+    with pytest.raises(CheckpointError, match=RANK0):
         load_checkpoint(path)
     path = save(tmp_path, 2)
-    with open(path / "optim.safetensors", "r+b") as f:
+    with open(path / RANK0, "r+b") as f:
         f.truncate(10)
-    with pytest.raises(CheckpointError, match="optim.safetensors.*truncated"):
+    with pytest.raises(CheckpointError, match=f"{RANK0}.*truncated"):
         load_checkpoint(path)
     path = save(tmp_path, 3)
     (path / "meta.json").write_text("{not json")
@@ -147,9 +154,9 @@ def test_loader_never_unpickles(tmp_path, monkeypatch):
     path = save(tmp_path, 1)
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Payload(marker))
-    (path / "model.safetensors").write_bytes(payload)
+    (path / RANK0).write_bytes(payload)
     meta = json.loads((path / "meta.json").read_text())
-    meta["files"]["model.safetensors"] = len(payload)  # sizes agree, so the parser sees the payload
+    meta["files"][RANK0] = len(payload)  # sizes agree, so the parser sees the payload
     (path / "meta.json").write_text(json.dumps(meta))
 
     def forbidden(*args, **kwargs):
@@ -157,7 +164,7 @@ def test_loader_never_unpickles(tmp_path, monkeypatch):
 
     for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
         monkeypatch.setattr(module, name, forbidden)
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=RANK0):
         load_checkpoint(path)
     assert not marker.exists()
 
@@ -220,9 +227,44 @@ def test_ensure_writable(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         save(tmp_path, 1, keep=0)
-    with pytest.raises(ValueError, match="file name"):
-        save_checkpoint(tmp_path, 1, {"../x": {}}, {}, keep=1)
+    with pytest.raises(ValueError, match="tensor group name"):
+        save_checkpoint(tmp_path, 1, {"../x": {"a": torch.ones(1)}}, {}, keep=1)
     with pytest.raises(ValueError, match="JSON"):
         save_checkpoint(tmp_path, 1, {}, {"path": tmp_path}, keep=1)
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))  # a failed save leaves no temporary
     assert ckpt.latest_checkpoint(tmp_path) is None
+
+
+def test_ranges_read_partially_and_bad_pieces_are_refused(tmp_path):
+    """The reader returns any range of a flattened tensor; a save whose pieces leave a hole or lie outside their
+    tensor is refused before anything is published (several ranks' pieces: tests/dist/test_checkpoint_dist.py)."""
+    w = torch.arange(24, dtype=torch.float32).view(4, 6)
+    flat = w.reshape(-1)
+    save_checkpoint(tmp_path, 1, {"model": {"w": Shard.whole(w), "b": torch.tensor(3.0)}}, {}, keep=1)
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.tensor("model", "w"), w) and reader.tensor("model", "b").shape == ()
+    assert torch.equal(reader.read("model", "w", 7, 15), flat[7:15])
+    with pytest.raises(CheckpointError, match=r"24 elements, range \[20, 30\)"):
+        reader.read("model", "w", 20, 30)
+    with pytest.raises(ValueError, match=r"leave \[10, 24\) unwritten"):
+        save_checkpoint(tmp_path, 2, {"model": {"w": Shard(flat[:10], (4, 6), 0)}}, {}, keep=1)
+    with pytest.raises(ValueError, match=r"\[0, 14\) unwritten"):
+        save_checkpoint(tmp_path, 2, {"model": {"w": Shard(flat[14:], (4, 6), 14)}}, {}, keep=1)
+    with pytest.raises(ValueError, match="outside"):
+        save_checkpoint(tmp_path, 2, {"model": {"w": Shard(flat, (4, 6), 3)}}, {}, keep=1)
+    with pytest.raises(CheckpointError, match="no tensor 'nope'.*another model"):
+        reader.read("model", "nope")
+    with pytest.raises(CheckpointError, match="no tensor group 'ema'"):
+        reader.names("ema")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_00000001"  # failed saves left nothing
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
+
+
+def test_an_older_format_is_refused_with_the_fix(tmp_path):
+    path = save(tmp_path, 1)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["format"] = 1
+    del meta["tensors"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format 1.*trainer.resume=null"):
+        load_checkpoint(path)

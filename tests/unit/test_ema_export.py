@@ -85,7 +85,7 @@ def test_export_errors_exit_2_naming_the_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "step_00000010" in err and "no EMA" in err and "trainer.ema_decay" in err
 
-    model_file = tmp_path / "run" / "checkpoints" / "step_00000010" / "model.safetensors"
+    model_file = tmp_path / "run" / "checkpoints" / "step_00000010" / "rank_00000.safetensors"
     model_file.write_bytes(b"x" * model_file.stat().st_size)
     assert export_main([str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     assert str(model_file) in capsys.readouterr().err
