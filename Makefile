@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: 4 CPU processes (DP=4 with ZeRO-1, EP=2 on two simulated nodes); hai-launch prints the
-# torchrun command it runs.
+# The main job: 4 CPU processes (PP=2 with DualPipe x DP=2 with ZeRO-1 x EP=2, on two simulated nodes);
+# hai-launch prints the torchrun command it runs.
 train: $(STAMP)
-	$(VENV)/bin/hai-launch --dp 4 experiment=tiny_parallel
+	$(VENV)/bin/hai-launch --dp 2 experiment=tiny_parallel
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,9 +1,9 @@
 """`hai-launch`: start `hai-train` (or another module) on several processes with torchrun.
 
     hai-launch experiment=tiny_parallel                 # 4 processes: pp * dp, dp defaults to the config's ep ...
-    hai-launch --dp 4 experiment=tiny_parallel          # ... so give the data-parallel size to go wider
+    hai-launch --dp 4 parallel=dp4_ep2 trainer.micro_batch_size=2   # ... so give the data-parallel size
     hai-launch --nproc 2 trainer.max_steps=10           # processes per node given outright
-    hai-launch --dry-run --dp 4 parallel=dp4_ep2        # print the torchrun command, run nothing
+    hai-launch --dry-run experiment=tiny_parallel       # print the torchrun command, run nothing
     hai-launch --nnodes 2 --rdzv-endpoint host0:29500 --nproc 8 ...   # one call per node (SLURM: train.sbatch)
 
 The process count. The config has no world size of its own (parallel/config.py: DP = world / pp, EP divides
@@ -57,18 +57,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def compose_parallel(overrides: list[str]) -> dict:
-    """The `parallel` group of configs/config.yaml composed with the Hydra overrides (`key=value` items; Hydra's
-    flags and their values, such as `--cfg job`, are skipped)."""
+def compose_config(overrides: list[str]):
+    """configs/config.yaml composed with the Hydra overrides (`key=value` items; Hydra's flags and their values,
+    such as `--cfg job`, are skipped), as hai-train composes it."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose("config", overrides=[o for o in overrides if "=" in o and not o.startswith("-")])
+            return compose("config", overrides=[o for o in overrides if "=" in o and not o.startswith("-")])
     except Exception as err:  # Hydra's composition errors share no base class worth naming
         raise LaunchError(f"cannot compose the config with {overrides}: {err}") from err
-    return OmegaConf.to_container(cfg.parallel, resolve=True)
 
 
 def parallel_config(values: dict):
@@ -83,11 +81,15 @@ def parallel_config(values: dict):
 
 
 def world_size(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Total ranks: nproc * nnodes when --nproc is given, else pp * DP (DP = --dp or parallel.ep); validated
-    against the config's layout rules before anything starts."""
-    from model.config import ConfigError
+    """Total ranks: nproc * nnodes when --nproc is given, else pp * DP (DP = --dp or parallel.ep); the whole
+    config is validated for that world size (layout, model split, micro-batches) before anything starts."""
+    from omegaconf import OmegaConf
 
-    pcfg = parallel_config(compose_parallel(overrides))
+    from parallel.config import check_model_layout
+    from trainer.config import load_config
+
+    cfg = compose_config(overrides)
+    pcfg = parallel_config(OmegaConf.to_container(cfg.parallel, resolve=True))
     if args.nproc is not None:
         world = args.nproc * args.nnodes
     else:
@@ -96,8 +98,9 @@ def world_size(args: argparse.Namespace, overrides: list[str]) -> int:
             raise LaunchError(f"--dp must be >= 1, got {dp}")
         world = pcfg.pp * dp
     try:
-        pcfg.validate(world)
-    except ConfigError as err:
+        run = load_config(cfg, world)
+        check_model_layout(run.parallel, run.model, world)
+    except ValueError as err:
         raise LaunchError(f"world size {world}: {err}") from err
     return world
 

@@ -67,9 +67,12 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, dim] before the last norm."""
-        cos, sin = self._rope(tokens.shape[1])
+        return self.run_layers(self.embed(tokens), document_ids)
+
+    def run_layers(self, h: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, T, dim] through the blocks this model holds (all of them, or a pipeline stage's)."""
+        cos, sin = self._rope(h.shape[1])
         mask = document_mask(document_ids)
-        h = self.embed(tokens)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         return h
@@ -87,11 +90,15 @@ class Transformer(nn.Module):
         which have no such tokens, are masked (equivalent to the paper's shorter sequences, since attention
         is causal).
         """
-        h = self.hidden(tokens, document_ids)
+        return self.output_loss(self.hidden(tokens, document_ids), labels, mtp_lambda, document_ids)
+
+    def output_loss(self, h: torch.Tensor, labels: torch.Tensor, mtp_lambda: float = 0.0,
+                    document_ids: torch.Tensor | None = None) -> LossOutput:
+        """`loss` from the last block's hidden states [B, T, dim] on: final norm, head, MTP (a last stage's part)."""
         main = linear_cross_entropy(self.norm(h), self.head, labels)
         total, mtp_losses = main, []
         if self.mtp is not None and len(self.mtp) and mtp_lambda:
-            cos, sin = self._rope(tokens.shape[1])
+            cos, sin = self._rope(h.shape[1])
             mask = document_mask(document_ids)
             depth = len(self.mtp)
             for k, module in enumerate(self.mtp, start=1):

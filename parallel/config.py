@@ -24,9 +24,12 @@ class ParallelConfig:
     gpus_per_node: int = 8  # ranks per (simulated) node; node-limited routing uses the nodes of the EP group
     dispatch: str = "flat"  # expert all-to-all: flat | hierarchical (across nodes once, then inside the node)
     timeout_s: int = 120  # collective timeout in seconds: a failed rank ends the job within it
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev (parallel/pipeline/schedule.py)
+    microbatches: int | None = None  # micro-batches per step and pipeline; None: global batch / (micro-batch x DP)
+    stage_layers: list[int] | None = None  # explicit layer count per pipeline stage; None: an even split
 
-    def validate_grid(self, world_size: int = 1) -> ParallelConfig:
-        """The arithmetic of the grid alone (pp > 1 allowed): what the rank math and the planner need."""
+    def validate(self, world_size: int = 1) -> ParallelConfig:
+        """The arithmetic of the grid and the schedule's rules that do not depend on the batch."""
         for name in ("pp", "ep", "gpus_per_node", "timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
@@ -46,19 +49,21 @@ class ParallelConfig:
             raise ConfigError(f"parallel.gpus_per_node={self.gpus_per_node} does not divide the world size "
                               f"{world_size}; every node holds the same number of ranks: choose "
                               f"gpus_per_node among {_divisors(world_size)} (or >= {world_size} for one node)")
+        from parallel.pipeline.action import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"parallel.schedule={self.schedule!r} does not exist; choose one of "
+                              f"{', '.join(SCHEDULES)}")
+        if self.schedule == "dualpipe" and self.pp % 2:
+            raise ConfigError(f"parallel.schedule=dualpipe needs an even number of pipeline ranks, got parallel.pp="
+                              f"{self.pp}; use an even pp, or parallel.schedule=dualpipev (any pp)")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ConfigError(f"parallel.microbatches={self.microbatches}: must be >= 1, or null to derive it")
         gpn = self.gpus_per_node
         if world_size > gpn and self.ep % gpn and gpn % self.ep:
             raise ConfigError(f"parallel.ep={self.ep} with parallel.gpus_per_node={gpn}: an expert-parallel group "
                               f"must fit inside one node or fill whole nodes; choose ep among {_divisors(gpn)} "
                               f"or a multiple of {gpn}")
-        return self
-
-    def validate(self, world_size: int = 1) -> ParallelConfig:
-        """`validate_grid`, and refuse what the trainer cannot run yet (pipeline parallelism)."""
-        self.validate_grid(world_size)
-        if self.pp > 1:
-            raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not built yet (DualPipe is the next "
-                              "milestone); set parallel.pp=1")
         return self
 
     def nodes_in_ep(self) -> int:
@@ -67,8 +72,13 @@ class ParallelConfig:
 
 
 def check_model_layout(cfg: ParallelConfig, model: ModelConfig, world_size: int) -> None:
-    """The model must split over the grid: experts divisible by EP, and under node-limited routing across
-    several nodes, one router group per node of the EP group (paper 3.2: a token reaches at most M nodes)."""
+    """The model must split over the grid: its layers over the pipeline stages, experts divisible by EP, and
+    under node-limited routing across several nodes, one router group per node of the EP group (paper 3.2: a
+    token reaches at most M nodes)."""
+    from parallel.pipeline.action import num_stages
+    from parallel.pipeline.stage import split_layers
+
+    split_layers(model.n_layers, num_stages(cfg.schedule, cfg.pp), cfg.stage_layers)
     if model.n_routed_experts % cfg.ep:
         raise ConfigError(f"model.n_routed_experts={model.n_routed_experts} is not divisible by parallel.ep="
                           f"{cfg.ep}; choose ep among {_divisors(model.n_routed_experts)}")

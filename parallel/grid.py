@@ -52,7 +52,7 @@ class GridLayout:
 
     @classmethod
     def of(cls, world_size: int, cfg: ParallelConfig, rank: int) -> GridLayout:
-        cfg.validate_grid(world_size)
+        cfg.validate(world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside the world of {world_size} ranks")
         dp = world_size // cfg.pp

@@ -33,7 +33,11 @@ class Runtime:
     dp_rank: int = 0
     ep: int = 1
     ep_rank: int = 0
+    pp: int = 1
+    pp_rank: int = 0
     grid: object | None = None  # parallel.grid.ProcessGrid when distributed
+    pipeline: object | None = None  # parallel.pipeline.pipeline.Pipeline when pp > 1 (set by `parallelize`)
+    holder_of: dict | None = None  # pipeline ranks holding each model part (pp > 1)
 
     @property
     def is_main(self) -> bool:
@@ -53,26 +57,90 @@ class Runtime:
 
         grid = ProcessGrid.build(cfg)
         return cls(world_size=grid.world_size, rank=grid.rank, dp=grid.dp, dp_rank=grid.dp_rank, ep=grid.ep,
-                   ep_rank=grid.ep_rank, grid=grid)
+                   ep_rank=grid.ep_rank, pp=grid.pp, pp_rank=grid.pp_rank, grid=grid)
+
+    def close(self) -> None:
+        """Leave the process group after a finished run (all ranks), so that no communication thread is still
+        running when the interpreter exits (which aborts the process)."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     @property
     def dp_group(self):
         return self.grid.dp_group if self.grid else None
 
+    @property
+    def pp_group(self):
+        return self.grid.pp_group if self.grid and self.pp > 1 else None
+
     def describe(self) -> str:
         if not self.distributed:
             return "1 process"
         g = self.grid
-        return (f"{self.world_size} processes: DP={self.dp} (ZeRO-1) x EP={self.ep} on {g.n_nodes} simulated "
+        pipe = f"PP={self.pp} ({g.cfg.schedule}) x " if self.pp > 1 else ""
+        return (f"{self.world_size} processes: {pipe}DP={self.dp} (ZeRO-1) x EP={self.ep} on {g.n_nodes} simulated "
                 f"node(s) of {g.gpus_per_node} ranks, backend {g.backend}, dispatch {g.dispatch}")
 
     # ---- model and optimizer -------------------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> None:
+        """Keep this rank's pipeline stages and routed experts of the whole model (built with the same seed on
+        every rank) and connect them: the pipeline's executor, the expert all-to-all."""
         self._model = model
+        self._global_shapes = {name: t.shape for name, t in model.state_dict().items()}
+        self._global_params = {name for name, _ in model.named_parameters()}
+        if self.pp > 1:
+            from parallel.pipeline.pipeline import Pipeline
+            from parallel.pipeline.stage import holders, keep_stages, rank_stages
+
+            cfg, n_layers = self.grid.cfg, model.cfg.n_layers
+            specs = rank_stages(cfg.schedule, self.pp, self.pp_rank, n_layers, cfg.stage_layers)
+            keep_stages(model, specs)
+            self.holder_of = holders(cfg.schedule, self.pp, n_layers, cfg.stage_layers, model.cfg.n_mtp_depth > 0)
+            self.pipeline = Pipeline(model, cfg.schedule, self.pp, self.pp_rank, self.grid.pp_ranks, specs,
+                                     self.holder_of, self._replica_groups())
         if self.ep > 1:
             g = self.grid
             apply_expert_parallel(model, g.ep_group, self.ep_rank, self.ep, g.gpus_per_node,
                                   hierarchical=g.dispatch == "hierarchical")
+
+    def _replica_groups(self) -> dict[tuple[int, ...], dist.ProcessGroup]:
+        """The grid's group for each set of pipeline ranks holding the same parameters (this rank's sets): a
+        DualPipe mirror pair, or the first and last position sharing the embedding with MTP."""
+        out = {}
+        for ranks in {tuple(r) for r in self.holder_of.values() if len(r) > 1 and self.pp_rank in r}:
+            if ranks == tuple(sorted({self.pp_rank, self.pp - 1 - self.pp_rank})):
+                out[ranks] = self.grid.mirror_group
+            elif ranks == (0, self.pp - 1):
+                out[ranks] = self.grid.embed_group
+            else:
+                raise RuntimeError(f"pipeline ranks {ranks} share parameters but the grid has no group for them")
+        return out
+
+    def _holders(self, name: str) -> list[int]:
+        """Pipeline ranks holding parameter (or optimizer/EMA entry) `name`; [pp_rank] without a pipeline."""
+        if self.holder_of is None:
+            return [self.pp_rank]
+        from parallel.pipeline.stage import part_of
+
+        return self.holder_of[part_of(name)]
+
+    def norm_share(self, name: str) -> float:
+        """The share of a parameter's squared gradient this rank counts in the global norm."""
+        return 1.0 / len(self._holders(name))
+
+    def gate_replicas(self, model: nn.Module) -> list[tuple[list[str], dist.ProcessGroup]]:
+        """Routers held by several pipeline ranks, grouped by the group of those ranks (for BiasBalancer)."""
+        if self.pipeline is None:
+            return []
+        from trainer.balance import moe_gates
+
+        by_set: dict[tuple[int, ...], list[str]] = {}
+        for name in moe_gates(model):
+            ranks = tuple(self._holders(name))
+            if len(ranks) > 1:
+                by_set.setdefault(ranks, []).append(name)
+        return [(names, self.pipeline.replica_groups[ranks]) for ranks, names in sorted(by_set.items())]
 
     def optimizer(self, model: nn.Module, optim_cfg):
         """Plain AdamW over fp32 masters in one process; ZeRO-1 over the DP group otherwise."""
@@ -83,9 +151,18 @@ class Runtime:
         from parallel.zero import ZeroOptimizer
 
         return ZeroOptimizer(model.named_parameters(), optim_cfg, self.grid.dp_group, self.grid.edp_group,
-                             is_expert_param)
+                             is_expert_param, extra_group=self.pp_group,
+                             norm_share=self.norm_share if self.pp > 1 else None)
 
     # ---- collectives ---------------------------------------------------------------------------------------
+    def pp_sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum of per-rank scalars over the pipeline group (losses exist where their stage ran)."""
+        if self.pp == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        dist.all_reduce(t, group=self.pp_group)
+        return dict(zip(values, t.tolist()))
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """DP mean of per-rank scalars (each rank's mean over its own micro-batches)."""
         if not self.distributed or self.dp == 1:
@@ -124,9 +201,13 @@ class Runtime:
         dist.all_reduce(totals)
         return {"cross_node_bytes_per_token": (totals[0] / totals[1].clamp_min(1)).item()}
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+    def pipeline_stats(self) -> dict[str, list[float]]:
+        """Per rank, the last step's pipeline compute time and the time it waited for stage-to-stage transfers
+        (seconds); empty without a pipeline."""
+        if self.pipeline is None or self.pipeline.last_stats is None:
+            return {}
+        stats = self.pipeline.last_stats
+        return {"pipeline_busy_rank_s": self.gather(stats.busy), "pipeline_wait_rank_s": self.gather(stats.wait)}
 
     # ---- checkpoints: every rank writes what it owns and reads what it needs (trainer/checkpoint.py) ------------
     def _place(self, name: str, local_shape: Sequence[int]) -> tuple[tuple[int, ...], int]:
@@ -146,11 +227,12 @@ class Runtime:
         return global_shape, 0
 
     def _writes_whole(self, name: str) -> bool:
-        """Who writes an entry no optimizer shard covers (buffers such as the router bias, frozen weights): rank
-        0, or for routed experts the expert-DP rank 0 of every EP rank (each holds other experts)."""
+        """Who writes an entry no optimizer shard covers (buffers such as the router bias, frozen weights), among
+        the ranks of the pipeline position that writes it: DP rank 0, or for routed experts the expert-DP rank 0
+        of every EP rank (each holds other experts)."""
         if self.grid is None:
             return True
-        return self.grid.edp_rank == 0 if self.ep > 1 and is_expert_param(name) else self.rank == 0
+        return self.grid.edp_rank == 0 if self.ep > 1 and is_expert_param(name) else self.dp_rank == 0
 
     def model_shards(self, state: dict[str, torch.Tensor], opt) -> dict[str, Shard]:
         """This rank's pieces of a model-shaped state (the weights, or their EMA): of a trained parameter the
@@ -159,6 +241,8 @@ class Runtime:
         owned = opt.owned() if self.distributed else {n: (0, p.numel()) for n, p in opt.params.items()}
         out = {}
         for name, tensor in state.items():
+            if self._holders(name)[0] != self.pp_rank:
+                continue  # another pipeline rank holds the copy that is written
             if name in trained:
                 if name not in owned:
                     continue
@@ -179,6 +263,8 @@ class Runtime:
         out, owned = {}, opt.owned()
         for key, (start, data) in opt.shards().items():
             kind, name = key.split(".", 1)
+            if self._holders(name)[0] != self.pp_rank:
+                continue
             shape, offset = self._place(name, opt.params[name].shape)
             if kind == "step":
                 if owned.get(name, (-1,))[0] == 0 and offset == 0:
@@ -188,11 +274,13 @@ class Runtime:
         return out
 
     def read_local(self, reader: CheckpointReader, group: str, shapes: dict[str, torch.Size],
-                   ) -> dict[str, torch.Tensor]:
+                   every: set[str] | None = None) -> dict[str, torch.Tensor]:
         """This rank's view of a model-shaped group: every entry of `shapes` (its local shapes), experts cut to
-        this EP rank's block, each read from just the checkpoint ranges that hold it."""
+        this EP rank's block, each read from just the checkpoint ranges that hold it. `every`: the names the
+        whole model has in this group (this rank's pipeline stages hold only some), to check the checkpoint's."""
         saved = set(reader.names(group))
-        missing, unexpected = sorted(shapes.keys() - saved), sorted(saved - shapes.keys())
+        every = set(shapes) if every is None else every
+        missing, unexpected = sorted(every - saved), sorted(saved - every)
         wrong = [f"{n} {list(reader.shape(group, n))} (now {list(self._place(n, s)[0])})"
                  for n, s in shapes.items() if n in saved and reader.shape(group, n) != self._place(n, s)[0]]
         if missing or unexpected or wrong:
@@ -207,7 +295,12 @@ class Runtime:
 
     def load_model_state(self, model: nn.Module, reader: CheckpointReader) -> None:
         shapes = {name: t.shape for name, t in model.state_dict().items()}
-        model.load_state_dict(self.read_local(reader, "model", shapes))
+        model.load_state_dict(self.read_local(reader, "model", shapes, set(self._global_shapes)))
+
+    def load_ema_state(self, ema, reader: CheckpointReader) -> None:
+        shapes = {name: t.shape for name, t in ema.state_dict().items()}
+        every = {name for name in self._global_shapes if name in self._global_params}
+        ema.load_state_dict(self.read_local(reader, "ema", shapes, every))
 
     def load_optim_state(self, opt, reader: CheckpointReader) -> None:
         """Each rank reads its own optimizer shard ranges (ZeRO-1), or the whole state in one process. Load the
@@ -217,5 +310,7 @@ class Runtime:
             return
         shapes, offsets = {}, {}
         for key in reader.names("optim"):
-            shapes[key], offsets[key] = self._local(key.split(".", 1)[1], reader.shape("optim", key))
+            name = key.split(".", 1)[1]
+            if name in opt.params or name not in self._global_params:  # other stages' entries are theirs
+                shapes[key], offsets[key] = self._local(name, reader.shape("optim", key))
         opt.load_shards(shapes, lambda key, a, z: reader.read("optim", key, offsets[key] + a, offsets[key] + z))

@@ -126,13 +126,16 @@ class ZeroOptimizer:
     `dp_group`, i.e. EP = 1). `is_expert(name)` tells routed-expert parameters (`parallel.apply.is_expert_param`).
     `grad_scale_expert` multiplies expert gradients on top of the 1/DP average (1.0 with the trainer's loss
     convention). `extra_group`: a further group the gradient norm is summed over (the pipeline group with PP).
+    `norm_share(name)`: the fraction of a parameter's squared gradient this rank counts in the global norm (1 by
+    default; 1/k for a parameter that k pipeline ranks hold, such as DualPipe's two copies of every stage).
     Every method that communicates (step, grad_norm, full_state_dict, the loads) must be called on all ranks.
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig,
                  dp_group: dist.ProcessGroup | None, expert_dp_group: dist.ProcessGroup | None,
                  is_expert: Callable[[str], bool], grad_scale_expert: float = 1.0,
-                 extra_group: dist.ProcessGroup | None = None) -> None:
+                 extra_group: dist.ProcessGroup | None = None,
+                 norm_share: Callable[[str], float] | None = None) -> None:
         self.cfg = cfg.validate()
         self.dp = _Group.of(dp_group)
         self.expert_dp = _Group.of(expert_dp_group) if expert_dp_group is not None else self.dp
@@ -158,6 +161,14 @@ class ZeroOptimizer:
             classes.setdefault((p.dtype, bool(is_expert(name))), []).append(name)
         self.buckets: list[_Bucket] = [self._build_bucket(dtype, expert, names)
                                        for (dtype, expert), names in classes.items()]
+        # per shard element, the share of its square in the global norm; None when every share is 1
+        self._norm_shares: list[Tensor | None] = [None] * len(self.buckets)
+        if norm_share is not None:
+            for i, b in enumerate(self.buckets):
+                shares = torch.ones(b.shard_size, dtype=torch.float32)
+                for seg in b.segments:
+                    shares[seg.lo:seg.hi] = norm_share(seg.name)
+                self._norm_shares[i] = None if bool((shares == 1).all()) else shares
         self._bucket_of = {name: b for b in self.buckets for name in b.names}
 
     @torch.no_grad()
@@ -214,7 +225,8 @@ class ZeroOptimizer:
         first if this step has not yet). Padding holds zeros, so it adds nothing."""
         if any(b.grad_shard is None for b in self.buckets):
             self._reduce_grads()
-        sq = grad_norm_sq([b.grad_shard for b in self.buckets])
+        sq = grad_norm_sq([b.grad_shard if s is None else b.grad_shard * s.sqrt()
+                           for b, s in zip(self.buckets, self._norm_shares)])
         # Dense and expert shards both partition their elements over the DP group (see the module docstring).
         if self.dp.size > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.dp.group)

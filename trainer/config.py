@@ -113,7 +113,28 @@ class RunConfig:
             raise ConfigError(f"optim.batch_ramp_start={self.optim.batch_ramp_start} exceeds "
                               f"trainer.global_batch_size={self.trainer.global_batch_size}; the ramp grows the "
                               "batch, so start below the final size or set optim.batch_ramp_start=0")
+        self._check_microbatches(dp)
         return self
+
+    def _check_microbatches(self, dp: int) -> None:
+        """The pipeline's micro-batches per step: global batch / (micro-batch x DP), at the end of the batch-size
+        ramp and at its start, must suit the schedule (DualPipe: even and at least 2 x pp)."""
+        if self.parallel.pp == 1:
+            return
+        from parallel.pipeline.schedule import check_schedule_args
+
+        from trainer.optim import batch_size_at
+
+        per_pass = self.trainer.micro_batch_size * dp
+        final = self.trainer.global_batch_size // per_pass
+        if self.parallel.microbatches is not None and self.parallel.microbatches != final:
+            raise ConfigError(f"parallel.microbatches={self.parallel.microbatches} but trainer.global_batch_size="
+                              f"{self.trainer.global_batch_size} / (trainer.micro_batch_size="
+                              f"{self.trainer.micro_batch_size} x DP={dp}) = {final}; set one consistent with the "
+                              "other, or parallel.microbatches=null")
+        first = batch_size_at(self.optim, 0, self.trainer.global_batch_size, per_pass) // per_pass
+        for n in sorted({first, final}):
+            check_schedule_args(self.parallel.schedule, self.parallel.pp, n)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

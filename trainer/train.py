@@ -34,6 +34,7 @@ from data.dataset import DataPipeline, build_data, check_vocab
 from model import ConfigError, Transformer
 from model.moe import Gate, MoE
 from parallel.config import check_model_layout
+from parallel.pipeline.schedule import check_schedule_args
 from parallel.runtime import Runtime
 from trainer.balance import BiasBalancer
 from trainer.checkpoint import (
@@ -92,6 +93,8 @@ def build(cfg: RunConfig, rt: Runtime, device: torch.device) -> tuple[Transforme
     rt.parallelize(model)
     model.to(device)
     cast_for_compute(model, DTYPES[cfg.trainer.dtype])
+    if rt.pipeline is not None:
+        rt.pipeline.to(device, DTYPES[cfg.trainer.dtype])
     attach_main_grads(model.parameters())
     return model, rt.optimizer(model, cfg.optim), data
 
@@ -117,7 +120,8 @@ def save(run_dir: Path, cfg: RunConfig, rt: Runtime, state: TrainState, model: T
         tensors["ema"] = rt.model_shards(ema.state_dict(), opt)
     meta = {"step": state.step, "tokens": state.tokens, "skipped_in_row": state.skipped_in_row,
             "data": data.state_dict(), "config": cfg.to_dict(),
-            "layout": {"pp": cfg.parallel.pp, "ep": rt.ep, "dp": rt.dp, "world_size": rt.world_size}}
+            "layout": {"pp": cfg.parallel.pp, "ep": rt.ep, "dp": rt.dp, "world_size": rt.world_size,
+                       "schedule": cfg.parallel.schedule}}
     save_checkpoint(run_dir, state.step, tensors, meta, keep=cfg.trainer.keep_checkpoints)
 
 
@@ -140,8 +144,11 @@ def restore(path: Path, cfg: RunConfig, rt: Runtime, model: Transformer, opt, da
 @torch.no_grad()
 def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], rt: Runtime,
              device: torch.device) -> float:
-    losses = [model.loss(x.to(device), y.to(device)).main.item() for x, y in batches]
-    return rt.mean({"val": sum(losses) / len(losses)})["val"]
+    if rt.pipeline is not None:
+        total = rt.pp_sum({"val": rt.pipeline.evaluate(batches)})["val"]
+    else:
+        total = sum(model.loss(x.to(device), y.to(device)).main.item() for x, y in batches)
+    return rt.mean({"val": total / len(batches)})["val"]
 
 
 def train_step(cfg: RunConfig, rt: Runtime, state: TrainState, model: Transformer, data: DataPipeline,
@@ -155,6 +162,12 @@ def train_step(cfg: RunConfig, rt: Runtime, state: TrainState, model: Transforme
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in moes:
         moe.aux_loss_scale = 1.0 / n_micro  # the attached balance loss is averaged like the main loss
+    if rt.pipeline is not None:
+        check_schedule_args(cfg.parallel.schedule, rt.pp, n_micro)
+        batches = [data.next_batch(cfg.trainer.micro_batch_size) for _ in range(n_micro)]
+        sums = rt.pp_sum(rt.pipeline.train_step(batches, mtp_lambda))
+        losses = rt.mean({key: value / n_micro for key, value in sums.items()})
+        return {**losses, "mtp_lambda": mtp_lambda, "sequences": seqs, "tokens_in_step": seqs * cfg.data.seq_len}
     total = lm = mtp = aux = 0.0
     for _ in range(n_micro):
         tokens, labels = data.next_batch(cfg.trainer.micro_batch_size)
@@ -199,7 +212,8 @@ def train(cfg: RunConfig, run_dir: Path, rt: Runtime | None = None) -> TrainStat
     ensure_writable(run_dir)
     device = resolve_device(cfg.trainer.device)
     model, opt, data = build(cfg, rt, device)
-    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=rt.dp_group)
+    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=rt.dp_group,
+                            replicas=rt.gate_replicas(model), report_group=rt.pp_group)
     state, reader = TrainState(), None
     checkpoint = resume_from(cfg, run_dir)
     if checkpoint is not None:
@@ -209,7 +223,7 @@ def train(cfg: RunConfig, run_dir: Path, rt: Runtime | None = None) -> TrainStat
     # built after the restore, so that an EMA switched on at resume starts from the trained weights
     ema = EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
     if ema is not None and reader is not None and "ema" in reader.groups:
-        ema.load_state_dict(rt.read_local(reader, "ema", {name: t.shape for name, t in ema.state_dict().items()}))
+        rt.load_ema_state(ema, reader)
     metrics = Metrics(run_dir, cfg.logging, cfg.trainer.max_steps, cfg.to_dict(), resume_step=state.step) \
         if rt.is_main else _Quiet()
     valid = data.valid_batches(cfg.trainer.eval_batches, cfg.trainer.micro_batch_size) if cfg.trainer.eval_every \
@@ -247,7 +261,8 @@ def train(cfg: RunConfig, run_dir: Path, rt: Runtime | None = None) -> TrainStat
             metrics.log_step({"step": state.step, "tokens": state.tokens, **record, "lr": lr, "grad_norm": grad_norm,
                               "maxvio": balance["maxvio"], "maxvio_layer": balance["maxvio_layer"],
                               "skipped": not finite, "step_time_s": max(times), "step_time_rank_s": times,
-                              "tokens_per_s": record["tokens_in_step"] / max(times), **rt.dispatch_stats()})
+                              "tokens_per_s": record["tokens_in_step"] / max(times), **rt.dispatch_stats(),
+                              **rt.pipeline_stats()})
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
                 metrics.log_eval(state.step, {"val_loss": evaluate(model, valid, rt, device)})
             every = cfg.trainer.checkpoint_every
@@ -275,6 +290,7 @@ def hydra_main(raw: DictConfig) -> None:
         if rt.is_main:
             print(f"run directory: {run_dir}\nlayout: {rt.describe()}", flush=True)
         train(cfg, run_dir, rt)
+        rt.close()
     except (ConfigError, CheckpointError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr, flush=True)

@@ -28,49 +28,54 @@ def test_nproc_defaults_to_pp_times_ep(capsys, monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     code, out, _ = dry_run(capsys, "experiment=tiny_parallel", "trainer.max_steps=3")
     assert code == 0
-    assert out == (f"OMP_NUM_THREADS={omp_threads(2)} {sys.executable} -m torch.distributed.run --standalone "
-                   "--nproc_per_node 2 -m trainer.train experiment=tiny_parallel trainer.max_steps=3")
+    assert out == (f"OMP_NUM_THREADS={omp_threads(4)} {sys.executable} -m torch.distributed.run --standalone "
+                   "--nproc_per_node 4 -m trainer.train experiment=tiny_parallel trainer.max_steps=3")
     code, out, _ = dry_run(capsys)  # parallel=single: one process
     assert code == 0 and "--nproc_per_node 1 -m trainer.train" in out
 
 
 def test_dp_and_nproc_flags(capsys) -> None:
-    assert "--nproc_per_node 4 " in dry_run(capsys, "--dp", "4", "parallel=dp4_ep2")[1]
-    assert "--nproc_per_node 3 " in dry_run(capsys, "--nproc", "3")[1]
+    assert "--nproc_per_node 4 " in dry_run(capsys, "--dp", "4", "parallel=dp4_ep2", "trainer.micro_batch_size=2")[1]
+    assert "--nproc_per_node 3 " in dry_run(capsys, "--nproc", "3", "trainer.micro_batch_size=1",
+                                            "trainer.global_batch_size=6")[1]
 
 
 def test_layout_refused_before_any_process_starts(capsys) -> None:
     code, out, err = dry_run(capsys, "--dp", "3", "parallel=dp4_ep2")
     assert code == 2 and out == ""
     assert "world size 3" in err and "parallel.ep=2 does not divide" in err
-    code, _, err = dry_run(capsys, "--nproc", "2", "parallel.pp=2")
-    assert code == 2 and "parallel.pp=2" in err
+    code, _, err = dry_run(capsys, "--nproc", "3", "parallel.pp=3", "parallel.schedule=dualpipe")
+    assert code == 2 and "dualpipe needs an even number of pipeline ranks, got parallel.pp=3" in err
+    code, _, err = dry_run(capsys, "--nproc", "2", "parallel.pp=2", "parallel.schedule=dualpipe")
+    assert code == 2 and "parallel.microbatches" in err  # tiny's 8 sequences in micro-batches of 8: 1 < 2 x pp
     code, _, err = dry_run(capsys, "model.nope=1")
     assert code == 2 and "cannot compose" in err
 
 
 def test_hydra_flags_and_separator_pass_through(capsys) -> None:
-    out = dry_run(capsys, "--nproc", "2", "--cfg", "job", "model.dim=64", "--", "--nproc", "7")[1]
-    assert out.endswith("-m trainer.train --cfg job model.dim=64 --nproc 7")
+    out = dry_run(capsys, "--nproc", "2", "--cfg", "job", "trainer.micro_batch_size=4", "--", "--nproc", "7")[1]
+    assert out.endswith("-m trainer.train --cfg job trainer.micro_batch_size=4 --nproc 7")
 
 
 def test_multi_node_uses_c10d_rendezvous(capsys) -> None:
-    out = dry_run(capsys, "--nnodes", "2", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "42", "--nproc", "2")[1]
+    out = dry_run(capsys, "--nnodes", "2", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "42", "--nproc", "2",
+                  "trainer.micro_batch_size=2")[1]
     assert ("-m torch.distributed.run --nnodes 2 --rdzv_backend c10d --rdzv_endpoint node0:29400 --rdzv_id 42 "
             "--nproc_per_node 2 -m trainer.train") in out
     assert "--standalone" not in out
-    code, _, err = dry_run(capsys, "--nnodes", "2", "--nproc", "2")
+    code, _, err = dry_run(capsys, "--nnodes", "2", "--nproc", "2", "trainer.micro_batch_size=2")
     assert code == 2 and "--rdzv-endpoint" in err
     # world = pp * dp split over the nodes
     assert "--nproc_per_node 2 " in dry_run(capsys, "--nnodes", "2", "--rdzv-endpoint", "h:1", "--dp", "4",
-                                            "parallel=dp4_ep2")[1]
+                                            "parallel=dp4_ep2", "trainer.micro_batch_size=2")[1]
 
 
 def test_omp_threads_kept_when_set(monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert build(["--nproc", "2"])[1] == {}
+    assert build(["--nproc", "2", "trainer.micro_batch_size=4"])[1] == {}
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert build(["--nproc", "64"])[1] == {"OMP_NUM_THREADS": "1"}
+    assert build(["--nproc", "64", "trainer.micro_batch_size=1", "trainer.global_batch_size=64"])[1] == \
+        {"OMP_NUM_THREADS": "1"}
 
 
 def launch_probe(out: Path, *flags: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:

@@ -93,7 +93,9 @@ def test_rank_outside_the_world():
     (8, dict(pp=2, ep=3), r"parallel.ep=3 does not divide the data-parallel size 4 \(world 8 / pp 2\)"),
     (6, dict(gpus_per_node=4), "parallel.gpus_per_node=4 does not divide the world size 6.*among 1, 2, 3, 6"),
     (3, dict(pp=2), "parallel.pp=2 does not divide the world size 3.*choose pp among 1, 3"),
-    (4, dict(pp=2), "parallel.pp=2: pipeline parallelism is not built yet.*set parallel.pp=1"),
+    (6, dict(pp=3, schedule="dualpipe"), "dualpipe needs an even number of pipeline ranks, got parallel.pp=3"),
+    (2, dict(pp=2, schedule="gpipe"), "parallel.schedule='gpipe' does not exist; choose one of 1f1b, zb1p"),
+    (2, dict(pp=2, microbatches=0), "parallel.microbatches=0: must be >= 1"),
     (4, dict(dispatch="mesh"), "parallel.dispatch='mesh' is not a dispatch mode; choose one of flat, hierarchical"),
     (12, dict(ep=3, gpus_per_node=2), "parallel.ep=3 with parallel.gpus_per_node=2: .*fit inside one node"),
     (4, dict(ep=0), "parallel.ep: must be >= 1, got 0"),
@@ -108,7 +110,7 @@ def test_small_worlds_are_one_node_and_ep_is_allowed():
     ParallelConfig(ep=4, gpus_per_node=8).validate(4)  # 4 ranks on one 8-rank node
     ParallelConfig(ep=3, gpus_per_node=8).validate(6)  # one node: EP needs no alignment
     ParallelConfig(ep=4, gpus_per_node=2, dispatch="hierarchical").validate(8)
-    assert ParallelConfig(pp=2, ep=2).validate_grid(8).pp == 2  # the arithmetic accepts pipelines
+    assert ParallelConfig(pp=2, ep=2).validate(8).pp == 2
 
 
 def test_model_must_split_over_the_grid():

@@ -1,0 +1,186 @@
+"""Runs one rank's pipeline schedule (paper 3.2.1): the actions of `schedule.build_schedule`, with point-to-point
+transfers between the ranks that hold neighbouring stages.
+
+For F of (stage s, micro-batch m) the rank receives s-1's output (unless s is the first stage), runs the stage
+and sends its output on to s+1 (unless s is the last stage, whose output is the micro-batch's loss). For B it
+receives the gradient of that output from s+1 (the last stage starts from its loss), runs autograd backward and
+sends the gradient of the stage's input back to s-1. Where the two stages sit on the same rank (DualPipeV's turn
+at rank PP-1) the tensor is handed over in memory. Receives are posted together as one batch per action
+(`batch_isend_irecv`) and waited for before the compute; sends are asynchronous and waited for at the end of the
+step, so a rank never blocks on a send. Which tensor travels next on a link is fixed by the schedule (the
+validator checks that both ends agree); activations and gradients use two tags.
+
+A B with `defer_w` leaves its weight-gradient GEMMs in a `fp8.linear.WeightGradStore` owned by this executor,
+one per (phase, micro-batch), by pointing the stage's Linears at it during the backward; the matching W runs
+them. A stage's activations are released as soon as its B has run.
+
+`run` returns per-action timings: the busy time (compute) and the time spent waiting for receives, per rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fp8.linear import WeightGradStore
+from parallel.pipeline.action import Action, direction_of, owner
+from parallel.pipeline.stage import StageSpec
+
+ACTIVATION, GRADIENT = 0, 1  # p2p tags
+
+
+@dataclass
+class StageRunner:
+    """What the executor needs of one of the rank's stages (one per phase)."""
+
+    spec: StageSpec
+    forward: Callable[[torch.Tensor | None, int], torch.Tensor]  # (input or None, micro-batch) -> output / loss
+    modules: list[nn.Module] = field(default_factory=list)  # modules with a `wgrad_store` (deferred W)
+
+
+@dataclass
+class StepStats:
+    """Wall-clock facts of one step on this rank, in seconds: `busy` computing, `wait` waiting for receives,
+    `total` from the step's start to its end; `events` are each action's compute (start, end, action) from the
+    step's start, as the simulator's timelines (`simulate.Timeline([stats.events, ...])`)."""
+
+    busy: float = 0.0
+    wait: float = 0.0
+    total: float = 0.0
+    events: list[tuple[float, float, Action]] = field(default_factory=list)
+
+    @property
+    def idle(self) -> float:
+        return self.total - self.busy
+
+
+class PipelineExecutor:
+    """Executes `actions` for pipeline rank `pp_rank` of a `schedule` over `pp` ranks.
+
+    `ranks[i]` is the global rank of pipeline rank i (the members of this rank's pipeline group, in order).
+    `shape` and `dtype` describe the hidden states passed between stages (one micro-batch); every micro-batch of
+    a step must have that shape.
+    """
+
+    def __init__(self, schedule: str, pp: int, pp_rank: int, ranks: list[int], stages: list[StageRunner],
+                 shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.schedule, self.pp, self.pp_rank, self.ranks = schedule, pp, pp_rank, ranks
+        self.stages, self.shape, self.dtype, self.device = stages, tuple(shape), dtype, torch.device(device)
+        self.stores: dict[tuple[int, int], WeightGradStore] = {}
+
+    # ---- where tensors come from and go to ---------------------------------------------------------------------
+    def _peer(self, stage: int, microbatch: int, n_micro: int) -> tuple[int, int]:
+        """(pipeline rank, phase) running `stage` for `microbatch`."""
+        return owner(self.schedule, self.pp, stage, direction_of(self.schedule, microbatch, n_micro))
+
+    def run(self, actions: list[Action], n_micro: int, forward_only: bool = False) -> StepStats:
+        """Run one step's actions. Losses are backpropagated from the last stage's outputs; gradients accumulate
+        into the parameters (scale the loss per micro-batch in the stage's forward). `forward_only`: F actions
+        only (evaluation, under no_grad); nothing is kept for a backward."""
+        inputs: dict[tuple[int, int], torch.Tensor | None] = {}
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        local: dict[tuple[int, int, int], torch.Tensor] = {}  # (tag, stage, micro-batch) handed over in memory
+        sends: list[dist.Work] = []
+        stats = StepStats()
+        t_step = time.perf_counter()
+
+        def recv_ops(a: Action) -> tuple[list, list]:
+            """The receives `a` needs: (P2POps, (key, tensor) to store), or in-memory hand-overs."""
+            spec = self.stages[a.phase].spec
+            ops, got = [], []
+            if a.kind == "F" and not spec.first:
+                peer, _ = self._peer(spec.index - 1, a.microbatch, n_micro)
+                got.append((("in", a.phase, a.microbatch), peer, ACTIVATION, spec.index))
+            if a.kind == "B" and not spec.last:
+                peer, _ = self._peer(spec.index + 1, a.microbatch, n_micro)
+                got.append((("grad", a.phase, a.microbatch), peer, GRADIENT, spec.index))
+            out = []
+            for key, peer, tag, stage in got:
+                if peer == self.pp_rank:
+                    out.append((key, local.pop((tag, stage, a.microbatch))))
+                else:
+                    t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                    ops.append(dist.P2POp(dist.irecv, t, self.ranks[peer], tag=tag))
+                    out.append((key, t))
+            return ops, out
+
+        def send(tensor: torch.Tensor, stage: int, microbatch: int, tag: int) -> None:
+            peer, _ = self._peer(stage, microbatch, n_micro)
+            if peer == self.pp_rank:
+                local[(tag, stage, microbatch)] = tensor
+            else:
+                sends.extend(dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor.contiguous(), self.ranks[peer],
+                                                                tag=tag)]))
+
+        for action in actions:
+            parts = action.parts()
+            ops, received = [], []
+            for part in parts:
+                o, r = recv_ops(part)
+                ops += o
+                received += r
+            t0 = t1 = time.perf_counter()
+            if ops:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+                t1 = time.perf_counter()
+                stats.wait += t1 - t0
+            grads = {}
+            for key, tensor in received:
+                if key[0] == "in":
+                    inputs[key[1:]] = tensor if forward_only else tensor.requires_grad_()
+                else:
+                    grads[key[1:]] = tensor
+            for part in parts:
+                spec = self.stages[part.phase].spec
+                key = (part.phase, part.microbatch)
+                if part.kind == "F":
+                    x = inputs.setdefault(key, None)
+                    out = self.stages[part.phase].forward(x, part.microbatch)
+                    if forward_only:
+                        inputs.pop(key)
+                    else:
+                        outputs[key] = out
+                    if not spec.last and tuple(out.shape) != self.shape:
+                        raise ValueError(f"micro-batch {part.microbatch}: stage {spec.index} produced hidden states "
+                                         f"of shape {tuple(out.shape)}, the pipeline was set up for {self.shape}; "
+                                         "every micro-batch of a step must have the same shape (micro-batch size "
+                                         "and sequence length)")
+                    if not spec.last:
+                        send(out.detach(), spec.index + 1, part.microbatch, ACTIVATION)
+                elif part.kind == "B":
+                    self._backward(part, outputs.pop(key), grads.get(key))
+                    x = inputs.pop(key)
+                    if not spec.first:
+                        send(x.grad, spec.index - 1, part.microbatch, GRADIENT)
+                else:  # W
+                    self.stores.pop(key).flush()
+            t2 = time.perf_counter()
+            stats.busy += t2 - t1
+            stats.events.append((t1 - t_step, t2 - t_step, action))
+        for work in sends:
+            work.wait()
+        if inputs or outputs or local or self.stores:
+            raise RuntimeError(f"pipeline rank {self.pp_rank}: the schedule left work undone (forwards without "
+                               f"backward {sorted(outputs)}, deferred W {sorted(self.stores)}); it is not valid")
+        stats.total = time.perf_counter() - t_step
+        return stats
+
+    def _backward(self, action: Action, output: torch.Tensor, grad: torch.Tensor | None) -> None:
+        runner = self.stages[action.phase]
+        store = None
+        if action.defer_w:
+            store = self.stores[(action.phase, action.microbatch)] = WeightGradStore()
+            for m in runner.modules:
+                m.wgrad_store = store
+        try:
+            torch.autograd.backward(output, grad_tensors=grad)
+        finally:
+            if store is not None:
+                for m in runner.modules:
+                    m.wgrad_store = None
