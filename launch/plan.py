@@ -1,32 +1,61 @@
-"""`hai-plan`: what a config costs before anything runs. Today: parameter counts (paper 2.1: 671B total,
-37B activated per token, plus the MTP module), per component, built on the meta device (no memory).
+"""`hai-plan`: what a config costs before anything runs.
+
+Without a cluster: parameter counts per component (paper 2.1: 671B total, 37B activated per token, plus the MTP
+module), from the model built on the meta device. With a cluster (--cluster FILE and/or cluster flags, which
+override the file's fields; the file defaults to configs/cluster/h800_2048.yaml): memory per pipeline rank, the
+expert all-to-all per MoE layer, the schedule's bubble, the step time and GPU-hours per trillion tokens, every
+assumption printed. The cost model is launch/cost.py.
 
     hai-plan model=deepseek_v3_671b
-    hai-plan model=tiny model.n_layers=8
+    hai-plan model=deepseek_v3_671b parallel.pp=16 parallel.ep=64 parallel.schedule=dualpipe \\
+        parallel.dispatch=hierarchical --cluster configs/cluster/h800_2048.yaml --fp8 --json plan.json
+
+The job shape is the paper's pre-training (4.2) unless flags change it: 4096-token sequences (or the model's
+max_seq_len if shorter), 15360 per step, micro-batches of one; the config's trainer group describes local runs and
+is not read. `--fp8` prices the paper's FP8 recipe (3.3) while fp8.recipe is off (FP8 training is not built).
+A config, cluster or layout that does not work exits with code 2 and a one-line message.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from collections import defaultdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from fp8.config import FP8Config
+from launch import cost
+from launch.cost import GB, Cluster, Layout
 from model import ConfigError, ModelConfig, Transformer, count_params
-from model.config import model_config
+from model.config import from_dict, model_config
+from parallel.config import ParallelConfig, check_model_layout
+from parallel.pipeline.schedule import ScheduleError, check_schedule_args
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+DEFAULT_CLUSTER = CONFIG_DIR / "cluster" / "h800_2048.yaml"
+PAPER_SEQ_LEN, PAPER_BATCH = 4096, 15360  # paper 4.2: 4K sequences, 15360 per step after the ramp
+PAPER_GPU_HOURS_PER_T = 180e3  # paper 1: 180K H800 GPU hours per trillion tokens
+PAPER_TOKENS_T = 14.8
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose("config", overrides=overrides)
 
 
 def load_config(overrides: list[str]) -> ModelConfig:
     """Compose configs/config.yaml with Hydra overrides and validate the model group."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=overrides)
-    return model_config(OmegaConf.to_container(cfg.model, resolve=True))
+    return model_config(OmegaConf.to_container(compose_config(overrides).model, resolve=True))
 
+
+# ---- parameter counts (no cluster) ------------------------------------------------------------------------------
 
 def _component(name: str) -> str:
     if name.startswith("mtp."):
@@ -61,17 +90,292 @@ def report(cfg: ModelConfig) -> str:
     return "\n".join(lines)
 
 
+# ---- the plan ---------------------------------------------------------------------------------------------------
+
+def load_cluster(path: Path | None, overrides: dict[str, float]) -> Cluster:
+    """A Cluster from a YAML file (default DEFAULT_CLUSTER) with `overrides` (field -> value) applied."""
+    path = DEFAULT_CLUSTER if path is None else Path(path)
+    if not path.is_file():
+        known = ", ".join(str(p.relative_to(ROOT)) for p in sorted(DEFAULT_CLUSTER.parent.glob("*.yaml")))
+        raise ConfigError(f"--cluster {path}: no such file; give a cluster file such as {known}")
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # YAML syntax
+        raise ConfigError(f"cluster file {path}: not readable YAML ({err})") from None
+    names = {f.name: f for f in fields(Cluster)}
+    if not isinstance(values, dict):
+        raise ConfigError(f"cluster file {path}: must be a mapping of the fields {sorted(names)}")
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"cluster file {path}: unknown field(s) {unknown}; the fields are {sorted(names)}")
+    values.update(overrides)
+    for name, f in names.items():
+        if name not in values:
+            raise ConfigError(f"cluster file {path}: missing field '{name}' ({f.metadata['doc']}); add "
+                              f"'{name}: <value>' to the file or pass --{name.replace('_', '-')}")
+        try:
+            number = float(values[name])
+        except (TypeError, ValueError):
+            number = None
+        integral = f.type in ("int", int)
+        if number is None or (integral and not number.is_integer()):
+            kind = "a whole number" if integral else "a number"
+            raise ConfigError(f"cluster {name}={values[name]!r} is not {kind} ({f.metadata['doc']}); fix it in "
+                              f"{path} or pass --{name.replace('_', '-')}")
+        values[name] = int(number) if integral else number
+    return Cluster(**values).validate()
+
+
+@dataclass
+class Plan:
+    """A priced layout: the inputs after validation and every number hai-plan prints."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    cluster: Cluster
+    layout: Layout
+    seq_len: int
+    micro_batch: int
+    ranks: list[cost.RankMemory]
+    a2a: cost.AllToAll
+    stages: list[cost.StageCost]
+    step: cost.StepTime
+    notes: list[str]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.layout.microbatches * self.layout.tokens * self.layout.dp
+
+    @property
+    def gpu_hours_per_t(self) -> float:
+        return self.step.total * self.cluster.gpus / 3600 * 1e12 / self.tokens_per_step
+
+    @property
+    def heaviest(self) -> cost.RankMemory:
+        return max(self.ranks, key=lambda m: m.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.heaviest.total <= self.cluster.gpu_memory_gb * GB
+
+    @property
+    def flops_per_token(self) -> float:
+        """Model FLOPs per token trained (forward and backward: 3 x forward), MTP included."""
+        return 3 * sum(s.flops for s in self.stages) / self.layout.tokens
+
+
+def build_plan(model: ModelConfig, parallel: ParallelConfig, cluster: Cluster, fp8: bool = False,
+               seq_len: int | None = None, micro_batch: int = 1, global_batch: int = PAPER_BATCH) -> Plan:
+    """Validate the layout on the cluster (ConfigError / ScheduleError naming the field and the fix) and price it."""
+    notes = []
+    if parallel.gpus_per_node != cluster.gpus_per_node:
+        notes.append(f"parallel.gpus_per_node={parallel.gpus_per_node} replaced by the cluster's "
+                     f"{cluster.gpus_per_node}")
+        parallel = replace(parallel, gpus_per_node=cluster.gpus_per_node)
+    parallel.validate(cluster.gpus)
+    check_model_layout(parallel, model, cluster.gpus)
+    seq_len = min(PAPER_SEQ_LEN, model.max_seq_len) if seq_len is None else seq_len
+    if not 0 < seq_len <= model.max_seq_len:
+        raise ConfigError(f"--seq-len {seq_len}: must lie in [1, model.max_seq_len={model.max_seq_len}]")
+    if micro_batch < 1 or global_batch < 1:
+        raise ConfigError(f"--micro-batch {micro_batch} and --global-batch {global_batch} must be >= 1")
+    dp = cluster.gpus // parallel.pp
+    if parallel.microbatches is not None:
+        microbatches = parallel.microbatches
+    elif global_batch % (micro_batch * dp):
+        raise ConfigError(f"--global-batch {global_batch} is not a multiple of --micro-batch {micro_batch} x DP {dp} "
+                          f"(= {cluster.gpus} GPUs / parallel.pp={parallel.pp}); choose a multiple of "
+                          f"{micro_batch * dp}, or set parallel.microbatches")
+    else:
+        microbatches = global_batch // (micro_batch * dp)
+    try:
+        check_schedule_args(parallel.schedule, parallel.pp, microbatches)
+    except ScheduleError as err:
+        if parallel.microbatches is None:
+            raise ScheduleError(f"{err} (derived: --global-batch {global_batch} / (--micro-batch {micro_batch} x "
+                                f"DP {dp}); change them or set parallel.microbatches)") from None
+        raise
+    stage_layers = tuple(parallel.stage_layers) if parallel.stage_layers is not None else None
+    layout = Layout(parallel.schedule, parallel.pp, dp, parallel.ep, microbatches, micro_batch * seq_len, fp8,
+                    parallel.dispatch, stage_layers)
+    parts = cost.model_parts(model, seq_len, fp8)
+    ranks = [cost.rank_memory(model, parts, layout, r, cluster.reserved_gb * GB) for r in range(parallel.pp)]
+    a2a = cost.all_to_all(model, layout, cluster)
+    stages = cost.stage_costs(model, parts, layout, cluster, a2a)
+    sync = cost.sync_seconds(model, parts, ranks, layout, cluster)
+    step = cost.step_time(model, stages, layout, sync)
+    return Plan(model, parallel, cluster, layout, seq_len, micro_batch, ranks, a2a, stages, step, notes)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def _layers(mem: cost.RankMemory, mtp: bool) -> str:
+    spans = [f"{s.layers.start}-{s.layers.stop - 1}" if len(s.layers) else "-" for s in mem.stages]
+    extra = [label for label, cond in (("emb", any(s.first for s in mem.stages) or
+                                        (mtp and any(s.last for s in mem.stages))),
+                                       ("head+MTP" if mtp else "head", any(s.last for s in mem.stages))) if cond]
+    return " ".join(spans + [f"+{e}" for e in extra])
+
+
+def format_plan(plan: Plan, cluster_name: str) -> str:
+    m, lay, cl = plan.model, plan.layout, plan.cluster
+    edp = lay.dp // lay.ep
+    nodes_ep = -(-lay.ep // cl.gpus_per_node)
+    n_stages = len(plan.stages)
+    copies = {"dualpipe": f"rank r holds stages r and {lay.pp - 1}-r: two copies of every stage",
+              "dualpipev": f"rank r holds stages r and {2 * lay.pp - 1}-r"}.get(lay.schedule, "one stage per rank")
+    gemm = "FP8 (--fp8: the paper's recipe, 3.3; the trainer's fp8.recipe is off)" if lay.fp8 else "BF16"
+    out = [f"plan: PP {lay.pp} x DP {lay.dp} = {cl.gpus} GPUs ({cl.gpus // cl.gpus_per_node} x {cl.gpus_per_node}-GPU "
+           f"nodes); EP {lay.ep} over {nodes_ep} node(s), expert-DP {edp}; ZeRO-1; no tensor parallelism",
+           f"schedule {lay.schedule}: {n_stages} stages ({copies}), {lay.microbatches} micro-batches per step",
+           "", "assumptions"]
+    assume = [
+        ("cluster", f"{cluster_name}: {cl.gpu_memory_gb:g} GB per GPU, BF16 {cl.peak_tflops_bf16:g} / FP8 "
+                    f"{cl.peak_tflops_fp8:g} TFLOP/s, NVLink {cl.nvlink_gbps:g} GB/s, IB {cl.ib_gbps:g} GB/s"),
+        ("MFU", f"{cl.mfu:g} of the peak of each GEMM's precision while computing; bubble, exposed all-to-all and "
+                "gradient sync added on top"),
+        ("batch", f"{lay.microbatches * plan.micro_batch * lay.dp} sequences x {plan.seq_len} tokens = "
+                  f"{plan.tokens_per_step / 1e6:.1f}M tokens per step; micro-batch {plan.micro_batch} sequence(s); "
+                  f"{lay.microbatches} micro-batches per pipeline"),
+        ("precision", f"{gemm} GEMM weights and cached GEMM inputs; embedding, head, router, norms BF16"),
+        ("gradients", "fp32 main gradients of every parameter held (paper 3.3), not sharded (ZeRO-1)"),
+        ("optimizer", f"fp32 master + 2 bf16 AdamW moments = {cost.OPTIMIZER_BYTES} B/param; dense / DP {lay.dp}, "
+                      f"experts / expert-DP {edp}"),
+        ("activations", f"paper 3.2.3 policy (recompute norms: {m.recompute_norm}, MLA up-projections: "
+                        f"{m.recompute_mla_up_proj}); balanced expert load; chunks alive from each rank's action "
+                        "list; the fused loss's fp32 head weight gradient per live last-stage micro-batch "
+                        "(launch/cost.py: layer_activation_bytes, head_activation_bytes)"),
+        ("reserved", f"{cl.reserved_gb:g} GB per GPU: CUDA context, communication buffers, allocator slack"),
+        ("all-to-all", f"{lay.dispatch} dispatch; a token reaches {plan.a2a.nodes_per_token:g} node(s) (the "
+                       "node-limited bound); IB and NVLink legs pipelined; hidden under F&B pairs only"),
+        ("FLOPs", "2 per weight per token forward, backward 2x forward (6N), W = the GEMM part of F; causal "
+                  "attention over (T+1)/2 keys on average; MTP included; pipeline sends hidden"),
+    ] + [("note", n) for n in plan.notes]
+    out += [f"  {k:<12}{v}" for k, v in assume]
+
+    cap = cl.gpu_memory_gb
+    out += ["", f"memory per GPU, GB (1e9 bytes), every pipeline rank (one of its {lay.dp} DP replicas)",
+            f"{'rank':>4}  {'layers':<24}{'params':>8}{'weights':>9}{'grads':>8}{'optim':>8}"
+            f"{'activ':>8}{'live':>5}{'rsrv':>6}{'total':>8}  of {cap:g}"]
+    for r in plan.ranks:
+        out.append(f"{r.rank:>4}  {_layers(r, m.n_mtp_depth > 0):<24}{r.params / 1e9:>7.2f}B{r.weights / GB:>9.1f}"
+                   f"{r.grads / GB:>8.1f}{r.optimizer / GB:>8.1f}{r.activations / GB:>8.1f}{r.live_chunks:>5}"
+                   f"{r.reserved / GB:>6.1f}{r.total / GB:>8.1f}  {'ok' if r.total <= cap * GB else 'OVER'}")
+    h = plan.heaviest
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    out.append(f"{verdict}: heaviest rank {h.rank} needs {h.total / GB:.1f} GB of {cap:g} GB")
+
+    a = plan.a2a
+    out += ["", f"expert all-to-all per MoE layer, per micro-batch ({lay.tokens} tokens), per GPU, one direction",
+            f"  dispatch ({'FP8 + scales' if lay.fp8 else 'BF16'}): IB {a.dispatch_ib / 1e6:.0f} MB, NVLink "
+            f"{a.dispatch_nvlink / 1e6:.0f} MB, {_ms(a.dispatch_s)}",
+            f"  combine (BF16): IB {a.combine_ib / 1e6:.0f} MB, NVLink {a.combine_nvlink / 1e6:.0f} MB, "
+            f"{_ms(a.combine_s)}"]
+
+    st, c = plan.step, plan.step.costs
+    heavy = max(range(n_stages), key=lambda s: plan.stages[s].F + plan.stages[s].B + 2 * plan.stages[s].comm)
+    hs = plan.stages[heavy]
+    if not cost.overlapped(lay):
+        hidden = f"exposed: {lay.schedule} has no F&B overlap"
+    else:
+        hidden = "hidden in F&B" if 2 * hs.comm <= hs.F + hs.B else "exceeds the F&B compute"
+    busiest = max(range(lay.pp), key=lambda r: st.rank_busy[r])
+    mean = sum(st.rank_busy) / lay.pp
+    balance = f"rank {busiest}; mean over ranks {mean:.2f} s"
+    if st.busy > 1.1 * mean:
+        balance += ": parallel.stage_layers can even the ranks out"
+    out += ["", "time",
+            f"  heaviest stage {heavy}: compute F {_ms(hs.F)}, B {_ms(hs.B)}, W {_ms(hs.W)}; all-to-all "
+            f"{_ms(hs.comm)} per direction ({hidden})",
+            f"  Table 2 chunk costs: F {_ms(c.F)}, B {_ms(c.B)}, W {_ms(c.W)}"
+            + (f", F&B {_ms(c.overlapped)}" if c.FB is not None else "") + " (plain chunks expose their all-to-all)",
+            f"  busiest rank      {st.busy:8.2f} s  chunks of one step ({balance})",
+            f"  bubble            {st.bubble:8.2f} s  {lay.schedule} Table 2 formula, heaviest chunk",
+            f"  gradient sync     {st.sync:8.2f} s  ZeRO-1 reduce-scatter + all-gather, replica sums; IB, "
+            "not overlapped",
+            f"  step              {st.total:8.2f} s  (simulated schedule, per-stage costs: {st.simulated:.2f} s)",
+            f"  throughput        {plan.tokens_per_step / st.total / 1e6:8.2f} M tokens/s, "
+            f"{plan.flops_per_token * plan.tokens_per_step / st.total / cl.gpus / 1e12:.0f} model TFLOP/s per GPU"]
+    paper_tflops = plan.flops_per_token / (PAPER_GPU_HOURS_PER_T * 3600)  # 1e12 tokens, TFLOP/s
+    total, paper_total = (h * PAPER_TOKENS_T / 1e6 for h in (plan.gpu_hours_per_t, PAPER_GPU_HOURS_PER_T))
+    out += ["", f"GPU-hours per trillion tokens: {plan.gpu_hours_per_t / 1e3:.0f}K   (paper: "
+                f"{PAPER_GPU_HOURS_PER_T / 1e3:.0f}K H800 GPU hours); x {PAPER_TOKENS_T}T tokens = {total:.2f}M "
+                f"(paper {paper_total:.2f}M)",
+            f"  180K at this model's {plan.flops_per_token / 1e9:.0f} GFLOP per token would be {paper_tflops:.0f} "
+            f"TFLOP/s per GPU: {paper_tflops / cl.peak_tflops_bf16:.2f} of BF16 peak, "
+            f"{paper_tflops / cl.peak_tflops_fp8:.2f} of FP8 peak, all overheads included"]
+    return "\n".join(out)
+
+
+def plan_json(plan: Plan) -> dict:
+    return {
+        "cluster": asdict(plan.cluster), "layout": asdict(plan.layout),
+        "seq_len": plan.seq_len, "micro_batch": plan.micro_batch, "tokens_per_step": plan.tokens_per_step,
+        "ranks": [{"rank": r.rank, "stages": [s.index for s in r.stages], "params": r.params, "dense": r.dense,
+                   "expert": r.expert, "weights": r.weights, "grads": r.grads, "optimizer": r.optimizer,
+                   "activations": r.activations, "live_chunks": r.live_chunks, "reserved": r.reserved,
+                   "total": r.total} for r in plan.ranks],
+        "fits": plan.fits, "all_to_all": asdict(plan.a2a), "stages": [asdict(s) for s in plan.stages],
+        "step": {**asdict(plan.step), "costs": asdict(plan.step.costs), "total": plan.step.total},
+        "flops_per_token": plan.flops_per_token, "gpu_hours_per_trillion_tokens": plan.gpu_hours_per_t,
+        "paper_gpu_hours_per_trillion_tokens": PAPER_GPU_HOURS_PER_T, "notes": plan.notes,
+    }
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit code 2, as every other error of hai-plan
+        raise ConfigError(f"{message} (hai-plan --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hai-plan", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for hai-train (model=..., parallel.pp=...)")
+    p.add_argument("--cluster", type=Path, help=f"cluster file (default when a cluster flag is given: "
+                                                f"{DEFAULT_CLUSTER.relative_to(ROOT)})")
+    for f in fields(Cluster):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=float, help=f.metadata["doc"])
+    p.add_argument("--fp8", action="store_true", help="price the paper's FP8 recipe (3.3) whatever fp8.recipe says")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {PAPER_SEQ_LEN}, or model.max_seq_len)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--global-batch", type=int, default=PAPER_BATCH,
+                   help=f"sequences per step (default {PAPER_BATCH}, paper 4.2); parallel.microbatches wins if set")
+    p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = load_config(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        args = _parser().parse_intermixed_args(argv)
+        try:
+            cfg = compose_config(args.overrides)
+        except Exception as err:  # Hydra's override and missing-config errors
+            raise ConfigError(f"{type(err).__name__}: {err}") from None
+        model = model_config(OmegaConf.to_container(cfg.model, resolve=True))
+        flags = {f.name: getattr(args, f.name) for f in fields(Cluster) if getattr(args, f.name) is not None}
+        plan = None
+        if args.cluster is not None or flags:
+            fp8 = FP8Config(**OmegaConf.to_container(cfg.fp8, resolve=True)).validate()
+            parallel = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
+            cluster = load_cluster(args.cluster, flags)
+            plan = build_plan(model, parallel, cluster, args.fp8 or fp8.recipe != "off", args.seq_len,
+                              args.micro_batch, args.global_batch)
+    except (ConfigError, ScheduleError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
-    except Exception as err:  # Hydra's override and missing-config errors
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    print(report(cfg))
+    print(report(model))
+    if plan is None:
+        print(f"\n(memory, communication and time: add --cluster {DEFAULT_CLUSTER.relative_to(ROOT)})")
+        return 0
+    print()
+    print(format_plan(plan, (args.cluster or DEFAULT_CLUSTER).name))
+    if args.json is not None:
+        args.json.write_text(json.dumps(plan_json(plan), indent=1))
     return 0
 
 
