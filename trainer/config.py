@@ -122,7 +122,6 @@ class RunConfig:
         if self.parallel.pp == 1:
             return
         from parallel.pipeline.schedule import check_schedule_args
-
         from trainer.optim import batch_size_at
 
         per_pass = self.trainer.micro_batch_size * dp

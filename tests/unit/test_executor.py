@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel.pipeline.schedule import build_schedule
 
 from model import Transformer
 from parallel.pipeline.executor import PipelineExecutor, StageRunner
+from parallel.pipeline.schedule import build_schedule
 from parallel.pipeline.stage import MicroBatch, keep_stages, rank_stages, stage_forward
 from tests.conftest import small_config
 
