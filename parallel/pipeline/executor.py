@@ -10,9 +10,12 @@ at rank PP-1) the tensor is handed over in memory. Receives are posted together 
 step, so a rank never blocks on a send. Which tensor travels next on a link is fixed by the schedule (the
 validator checks that both ends agree); activations and gradients use two tags.
 
+A stage's output is released as soon as it is sent (its values are not needed by the backward, only its graph);
+its input, the activations its graph saved and its deferred W are released by the micro-batch's B and W.
+
 A B with `defer_w` leaves its weight-gradient GEMMs in a `fp8.linear.WeightGradStore` owned by this executor,
 one per (phase, micro-batch), by pointing the stage's Linears at it during the backward; the matching W runs
-them. A stage's activations are released as soon as its B has run.
+them.
 
 `run` returns per-action timings: the busy time (compute) and the time spent waiting for receives, per rank.
 """
@@ -26,12 +29,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd import Variable
 
 from fp8.linear import WeightGradStore
 from parallel.pipeline.action import Action, direction_of, owner
 from parallel.pipeline.stage import StageSpec
 
 ACTIVATION, GRADIENT = 0, 1  # p2p tags
+
+
+def _release(output: torch.Tensor) -> None:
+    """Free a stage output's memory once it is sent (Megatron's trick): the backward needs only its grad_fn and
+    the gradient from the next stage, not its values (a stage ends in a residual add, which saves no output).
+    The send holds its own reference until it completes."""
+    output.data = torch.empty(0, dtype=output.dtype, device=output.device)
 
 
 @dataclass
@@ -153,6 +164,8 @@ class PipelineExecutor:
                                          "and sequence length)")
                     if not spec.last:
                         send(out.detach(), spec.index + 1, part.microbatch, ACTIVATION)
+                        if not forward_only and out.grad_fn is not None:
+                            _release(out)
                 elif part.kind == "B":
                     self._backward(part, outputs.pop(key), grads.get(key))
                     x = inputs.pop(key)
@@ -162,6 +175,7 @@ class PipelineExecutor:
                     self.stores.pop(key).flush()
             t2 = time.perf_counter()
             stats.busy += t2 - t1
+            sends = [work for work in sends if not work.is_completed()]  # finished sends free their tensors
             stats.events.append((t1 - t_step, t2 - t_step, action))
         for work in sends:
             work.wait()
@@ -179,7 +193,12 @@ class PipelineExecutor:
             for m in runner.modules:
                 m.wgrad_store = store
         try:
-            torch.autograd.backward(output, grad_tensors=grad)
+            if grad is None:
+                torch.autograd.backward(output)
+            else:
+                # `output`'s data was released after its send (`_release`); torch.autograd.backward would compare
+                # its shape with the gradient's, the engine checks against the graph's recorded shape instead
+                Variable._execution_engine.run_backward((output,), (grad,), False, False, (), True, True)
         finally:
             if store is not None:
                 for m in runner.modules:
