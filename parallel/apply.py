@@ -28,7 +28,7 @@ def is_expert_param(name: str) -> bool:
 
 
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup, ep_rank: int, ep_size: int,
-                          gpus_per_node: int, hierarchical: bool) -> None:
+                          gpus_per_node: int, hierarchical: bool, fabric=None) -> None:
     """Keep this rank's experts and route tokens to the others through all-to-all."""
     from parallel.expert import ExpertParallelDispatcher
 
@@ -40,4 +40,4 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup, ep_rank: i
             linear.n_groups = end - start
         moe.experts.n_experts = end - start
         moe.dispatcher = ExpertParallelDispatcher(group, n_experts, gpus_per_node=gpus_per_node,
-                                                  hierarchical=hierarchical)
+                                                  hierarchical=hierarchical, fabric=fabric)

@@ -27,6 +27,7 @@ class ParallelConfig:
     schedule: str = "1f1b"  # pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev (parallel/pipeline/schedule.py)
     microbatches: int | None = None  # micro-batches per step and pipeline; None: global batch / (micro-batch x DP)
     stage_layers: list[int] | None = None  # explicit layer count per pipeline stage; None: an even split
+    fabric: dict | None = None  # simulated links for CPU runs: {intra_gbps, inter_gbps, latency_us}; parallel/fabric.py
 
     def validate(self, world_size: int = 1) -> ParallelConfig:
         """The arithmetic of the grid and the schedule's rules that do not depend on the batch."""
@@ -57,6 +58,9 @@ class ParallelConfig:
         if self.schedule == "dualpipe" and self.pp % 2:
             raise ConfigError(f"parallel.schedule=dualpipe needs an even number of pipeline ranks, got parallel.pp="
                               f"{self.pp}; use an even pp, or parallel.schedule=dualpipev (any pp)")
+        from parallel.fabric import Fabric
+
+        Fabric.from_config(self.fabric)
         if self.microbatches is not None and self.microbatches < 1:
             raise ConfigError(f"parallel.microbatches={self.microbatches}: must be >= 1, or null to derive it")
         gpn = self.gpus_per_node

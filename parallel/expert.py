@@ -27,7 +27,8 @@ The dispatch-direction payload (forward dispatch and combine backward) goes thro
 travel; relays forward packed rows without unpacking. The combine direction sends plain tensors.
 `dispatch_async` / `combine_async` return a `CommHandle` whose `wait()` finishes the exchange: the caller
 can compute while the payload is in flight (gloo runs it on its own threads). The count and metadata
-exchanges of a dispatch are synchronous and small.
+exchanges of a dispatch are synchronous and small. With a simulated `fabric` (parallel/fabric.py) every payload
+exchange, forward and backward, lasts at least its modelled duration on the cluster's links.
 
 `stats()` returns and resets totals since its last call: dispatch calls, rows received, tokens dispatched
 and payload bytes sent to ranks on other nodes (forward dispatches only), for cross-node bytes per token.
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from parallel.fabric import Fabric, LinkDelay
 
 Works = list  # list of torch.distributed Work objects in flight
 Flow = Generator[Works, None, list[torch.Tensor]]
@@ -129,8 +132,8 @@ class ExpertParallelDispatcher:
     """All-to-all dispatch/combine over an EP process group (see the module docstring)."""
 
     def __init__(self, group: dist.ProcessGroup | None, n_experts: int, gpus_per_node: int = 8,
-                 hierarchical: bool = False) -> None:
-        self.group = group
+                 hierarchical: bool = False, fabric: Fabric | None = None) -> None:
+        self.group, self.fabric = group, fabric
         self.ep = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if n_experts % self.ep:
@@ -255,6 +258,12 @@ class ExpertParallelDispatcher:
             out = t.new_empty((sum(recv), *t.shape[1:]))
             works.append(dist.all_to_all_single(out, t.contiguous(), recv, send, group=self.group, async_op=True))
             outs.append(out)
+        if self.fabric is not None:  # the simulated network: the exchange lasts what it would on the cluster
+            row_bytes = sum(t.element_size() * math.prod(t.shape[1:]) for t in tensors)
+            node = [r // self.gpus_per_node for r in range(self.ep)]
+            intra = sum(n for r, n in enumerate(send) if r != self.rank and node[r] == self.node)
+            inter = sum(n for r, n in enumerate(send) if node[r] != self.node)
+            works.append(LinkDelay(self.fabric.seconds(intra * row_bytes, inter * row_bytes)))
         return outs, works
 
     def _dispatch_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor]) -> Flow:

@@ -22,6 +22,7 @@ from torch import nn
 
 from parallel.apply import apply_expert_parallel, is_expert_param
 from parallel.config import ParallelConfig
+from parallel.fabric import Fabric
 from trainer.checkpoint import CheckpointError, CheckpointReader, Shard
 
 
@@ -98,11 +99,12 @@ class Runtime:
             keep_stages(model, specs)
             self.holder_of = holders(cfg.schedule, self.pp, n_layers, cfg.stage_layers, model.cfg.n_mtp_depth > 0)
             self.pipeline = Pipeline(model, cfg.schedule, self.pp, self.pp_rank, self.grid.pp_ranks, specs,
-                                     self.holder_of, self._replica_groups())
+                                     self.holder_of, self._replica_groups(), Fabric.from_config(cfg.fabric),
+                                     cfg.gpus_per_node)
         if self.ep > 1:
             g = self.grid
             apply_expert_parallel(model, g.ep_group, self.ep_rank, self.ep, g.gpus_per_node,
-                                  hierarchical=g.dispatch == "hierarchical")
+                                  hierarchical=g.dispatch == "hierarchical", fabric=Fabric.from_config(g.cfg.fabric))
 
     def _replica_groups(self) -> dict[tuple[int, ...], dist.ProcessGroup]:
         """The grid's group for each set of pipeline ranks holding the same parameters (this rank's sets): a

@@ -8,7 +8,8 @@ sends the gradient of the stage's input back to s-1. Where the two stages sit on
 at rank PP-1) the tensor is handed over in memory. Receives are posted together as one batch per action
 (`batch_isend_irecv`) and waited for before the compute; sends are asynchronous and waited for at the end of the
 step, so a rank never blocks on a send. Which tensor travels next on a link is fixed by the schedule (the
-validator checks that both ends agree); activations and gradients use two tags.
+validator checks that both ends agree); activations and gradients use two tags. With a simulated `fabric`
+(parallel/fabric.py) an action's receives take at least their modelled link time.
 
 A stage's output is released as soon as it is sent (its values are not needed by the backward, only its graph);
 its input, the activations its graph saved and its deferred W are released by the micro-batch's B and W.
@@ -32,6 +33,7 @@ from torch import nn
 from torch.autograd import Variable
 
 from fp8.linear import WeightGradStore
+from parallel.fabric import Fabric, LinkDelay
 from parallel.pipeline.action import Action, direction_of, owner
 from parallel.pipeline.stage import StageSpec
 
@@ -79,8 +81,10 @@ class PipelineExecutor:
     """
 
     def __init__(self, schedule: str, pp: int, pp_rank: int, ranks: list[int], stages: list[StageRunner],
-                 shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
+                 fabric: Fabric | None = None, gpus_per_node: int = 8) -> None:
         self.schedule, self.pp, self.pp_rank, self.ranks = schedule, pp, pp_rank, ranks
+        self.fabric, self.gpus_per_node = fabric, gpus_per_node
         self.stages, self.shape, self.dtype, self.device = stages, tuple(shape), dtype, torch.device(device)
         self.stores: dict[tuple[int, int], WeightGradStore] = {}
 
@@ -137,7 +141,7 @@ class PipelineExecutor:
                 received += r
             t0 = t1 = time.perf_counter()
             if ops:
-                for work in dist.batch_isend_irecv(ops):
+                for work in dist.batch_isend_irecv(ops) + self._link_delay(ops):
                     work.wait()
                 t1 = time.perf_counter()
                 stats.wait += t1 - t0
@@ -184,6 +188,15 @@ class PipelineExecutor:
                                f"backward {sorted(outputs)}, deferred W {sorted(self.stores)}); it is not valid")
         stats.total = time.perf_counter() - t_step
         return stats
+
+    def _link_delay(self, ops: list[dist.P2POp]) -> list[LinkDelay]:
+        """The simulated fabric's time for this action's receives, from now (parallel/fabric.py)."""
+        if self.fabric is None:
+            return []
+        node = self.ranks[self.pp_rank] // self.gpus_per_node
+        intra = sum(op.tensor.nbytes for op in ops if op.peer // self.gpus_per_node == node)
+        inter = sum(op.tensor.nbytes for op in ops if op.peer // self.gpus_per_node != node)
+        return [LinkDelay(self.fabric.seconds(intra, inter))]
 
     def _backward(self, action: Action, output: torch.Tensor, grad: torch.Tensor | None) -> None:
         runner = self.stages[action.phase]

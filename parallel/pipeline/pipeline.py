@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from model.moe import MoE
 from model.transformer import Transformer
+from parallel.fabric import Fabric
 from parallel.pipeline.action import Action, direction_of, phases
 from parallel.pipeline.executor import PipelineExecutor, StageRunner, StepStats
 from parallel.pipeline.schedule import build_schedule
@@ -36,9 +37,11 @@ def forward_schedule(name: str, num_ranks: int, rank: int, num_microbatches: int
 class Pipeline:
     def __init__(self, model: Transformer, schedule: str, pp: int, pp_rank: int, ranks: list[int],
                  specs: list[StageSpec], holder_of: dict[str, list[int]],
-                 replica_groups: dict[tuple[int, ...], dist.ProcessGroup]) -> None:
+                 replica_groups: dict[tuple[int, ...], dist.ProcessGroup], fabric: Fabric | None = None,
+                 gpus_per_node: int = 8) -> None:
         self.model, self.schedule, self.pp, self.pp_rank, self.ranks = model, schedule, pp, pp_rank, ranks
         self.specs, self.holder_of, self.replica_groups = specs, holder_of, replica_groups
+        self.fabric, self.gpus_per_node = fabric, gpus_per_node
         self.device, self.dtype = torch.device("cpu"), torch.float32  # set by `to` once the model is placed
         self.wgrad_modules = [m for m in model.modules() if hasattr(m, "wgrad_store")]
         self.last_stats: StepStats | None = None
@@ -56,7 +59,7 @@ class Pipeline:
     def _executor(self, shape: tuple[int, ...], forward) -> PipelineExecutor:
         runners = [StageRunner(spec, forward(spec), self.wgrad_modules) for spec in self.specs]
         return PipelineExecutor(self.schedule, self.pp, self.pp_rank, self.ranks, runners, shape, self.dtype,
-                                self.device)
+                                self.device, self.fabric, self.gpus_per_node)
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], mtp_lambda: float) -> dict[str, float]:
         """Forward and backward of one step's micro-batches through the schedule; returns this rank's sums

@@ -1,6 +1,6 @@
 """The training loop with a pipeline (paper 3.2.1) equals the single-process run on the same global batch
 (DESIGN.md principle 6): each schedule at PP=2, DualPipe with EP=2 inside DP=2, PP=4 DualPipeV, and PP=4 x DP=2
-DualPipe with EP=2 (8 processes). fp32, 4 steps: training and validation losses within 1e-6 relative, weights
+DualPipe with EP=2 (8 processes); one layout runs on the simulated fabric. fp32, 4 steps: training and validation losses within 1e-6 relative, weights
 within fp32 tolerance (compared through the checkpoint, which every rank writes and whose index is layout-free);
 then a checkpoint of a pipeline run resumes in one process."""
 
@@ -40,7 +40,9 @@ LAYOUTS = [  # world, overrides, global batch
     (2, ["parallel.pp=2", "parallel.schedule=zb1p"], 8),
     (2, ["parallel.pp=2", "parallel.schedule=dualpipe"], 8),
     (2, ["parallel.pp=2", "parallel.schedule=dualpipev"], 8),
-    (4, ["parallel.pp=2", "parallel.schedule=dualpipe", "parallel.ep=2", "parallel.gpus_per_node=2"], 8),
+    # with the simulated fabric (parallel/fabric.py) on the all-to-all and the stage transfers: the same numbers
+    (4, ["parallel.pp=2", "parallel.schedule=dualpipe", "parallel.ep=2", "parallel.gpus_per_node=2",
+         "parallel.fabric={intra_gbps:10,inter_gbps:1,latency_us:20}"], 8),
     (4, ["parallel.pp=4", "parallel.schedule=dualpipev"], 8),
     (8, ["parallel.pp=4", "parallel.schedule=dualpipe", "parallel.ep=2", "parallel.gpus_per_node=4"], 16),
 ]
