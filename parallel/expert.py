@@ -30,13 +30,15 @@ can compute while the payload is in flight (gloo runs it on its own threads). Th
 exchanges of a dispatch are synchronous and small. With a simulated `fabric` (parallel/fabric.py) every payload
 exchange, forward and backward, lasts at least its modelled duration on the cluster's links.
 
-`stats()` returns and resets totals since its last call: dispatch calls, rows received, tokens dispatched
-and payload bytes sent to ranks on other nodes (forward dispatches only), for cross-node bytes per token.
+`stats()` returns and resets totals since its last call: dispatch calls, rows received, tokens dispatched,
+payload bytes sent to ranks on other nodes (forward dispatches only), for cross-node bytes per token, and the
+time spent waiting for payload exchanges (the all-to-all time not hidden behind compute).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -74,15 +76,17 @@ class DispatchLayout:
 
 
 class CommHandle:
-    """An exchange in flight; `wait()` completes it (driving any later stage) and returns the result."""
+    """An exchange in flight; `wait()` completes it (driving any later stage) and returns the result. The time
+    spent in `wait()` (communication the caller did not hide behind compute) is added to `clock["wait_s"]`."""
 
-    def __init__(self, flow: Flow, finish: Callable[[list[torch.Tensor]], object]) -> None:
-        self._flow, self._finish = flow, finish
+    def __init__(self, flow: Flow, finish: Callable[[list[torch.Tensor]], object], clock: dict | None = None) -> None:
+        self._flow, self._finish, self._clock = flow, finish, clock
         self._works = next(flow)  # launches the first stage now
         self._done, self._result = False, None
 
     def wait(self):
         if not self._done:
+            t0 = time.perf_counter()
             while True:
                 for work in self._works:
                     work.wait()
@@ -92,6 +96,8 @@ class CommHandle:
                     self._result = self._finish(stop.value)
                     break
             self._done, self._flow, self._works = True, None, []
+            if self._clock is not None:
+                self._clock["wait_s"] += time.perf_counter() - t0
         return self._result
 
 
@@ -147,7 +153,7 @@ class ExpertParallelDispatcher:
         self.hierarchical = hierarchical
         # with one node, or one rank per node, the flat exchange already sends a token once per node
         self._two_stage = hierarchical and self.n_nodes > 1 and self.gpus_per_node > 1
-        self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0)
+        self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0, wait_s=0.0)
 
     # ---- payload hook -------------------------------------------------------------------------------------
     def pack(self, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -184,17 +190,18 @@ class ExpertParallelDispatcher:
             rows, row_weights = _Dispatch.apply(h, weights, (self, layout, rows, layout.row_weights.clone()))
             return rows, layout.local_ids, row_weights, layout
 
-        return CommHandle(self._dispatch_flow(layout, packed), finish)
+        return CommHandle(self._dispatch_flow(layout, packed), finish, self._stats)
 
     def combine_async(self, y: torch.Tensor, layout: DispatchLayout) -> CommHandle:
         """Start sending y back; `wait()` returns what `combine` does."""
         def finish(tensors: list[torch.Tensor]) -> torch.Tensor:
             return _Combine.apply(y, (self, layout, tensors[0].to(y.dtype)))
 
-        return CommHandle(self._combine_flow(layout, [y.detach()]), finish)
+        return CommHandle(self._combine_flow(layout, [y.detach()]), finish, self._stats)
 
-    def stats(self) -> dict[str, int]:
-        """Totals since the last call (then reset): dispatches, dispatch_rows, tokens, cross_node_bytes."""
+    def stats(self) -> dict[str, float]:
+        """Totals since the last call (then reset): dispatches, dispatch_rows, tokens, cross_node_bytes, and
+        wait_s, the seconds spent waiting for payload exchanges (forward and backward): the exposed all-to-all."""
         out = dict(self._stats)
         self._stats = dict.fromkeys(out, 0)
         return out
@@ -289,9 +296,9 @@ class ExpertParallelDispatcher:
                        for t, dt in zip(tensors, dtypes)]  # relays send partial sums in the payload dtype
         return tensors
 
-    @staticmethod
-    def _run(flow: Flow) -> list[torch.Tensor]:
-        return CommHandle(flow, lambda tensors: tensors).wait()
+    def _run(self, flow: Flow) -> list[torch.Tensor]:
+        """A backward exchange, waited for at once (autograd runs it in the middle of a backward)."""
+        return CommHandle(flow, lambda tensors: tensors, self._stats).wait()
 
 
 def _pairs(target: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:

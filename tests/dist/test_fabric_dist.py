@@ -36,6 +36,7 @@ def _fabric_worker(rank: int, world: int) -> None:
     exposed = time.perf_counter() - t0
     assert torch.equal(rows, rows2) and torch.equal(ids, ids2) and torch.equal(rw, rw2)
     assert exposed >= 0.05, exposed  # nothing to overlap with: the whole link time is waited for
+    assert slow.stats()["wait_s"] >= 0.05  # and the dispatcher reports it as exposed all-to-all time
 
     handle = slow.dispatch_async(h, idx, w)
     time.sleep(0.08)  # compute longer than the exchange
@@ -44,6 +45,7 @@ def _fabric_worker(rank: int, world: int) -> None:
     hidden_wait = time.perf_counter() - t0
     assert torch.equal(rows3, rows)
     assert hidden_wait < 0.04, hidden_wait  # the link time passed during the compute
+    assert slow.stats()["wait_s"] < 0.04
 
 
 def test_fabric_delays_and_overlap_are_real():
