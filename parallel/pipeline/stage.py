@@ -102,15 +102,20 @@ class MicroBatch:
     document_ids: torch.Tensor | None = None
 
 
-def stage_forward(model: Transformer, spec: StageSpec, x: torch.Tensor | None, batch: MicroBatch,
-                  mtp_lambda: float = 0.0) -> torch.Tensor | LossOutput:
-    """One stage: tokens (first stage) or the previous stage's hidden states `x` through its layers; the last
-    stage returns the micro-batch's LossOutput (main + MTP), every other stage its hidden states."""
+def stage_hidden(model: Transformer, spec: StageSpec, x: torch.Tensor | None, batch: MicroBatch) -> torch.Tensor:
+    """One stage's blocks: tokens (first stage) or the previous stage's hidden states `x` -> its hidden states."""
     h = model.embed(batch.tokens) if spec.first else x
     cos, sin = model._rope(h.shape[1])
     mask = document_mask(batch.document_ids)
     for i in spec.layers:
         h = model.layers[str(i)](h, cos, sin, mask)
+    return h
+
+
+def stage_forward(model: Transformer, spec: StageSpec, x: torch.Tensor | None, batch: MicroBatch,
+                  mtp_lambda: float = 0.0) -> torch.Tensor | LossOutput:
+    """One stage: `stage_hidden`, then on the last stage the micro-batch's LossOutput (main + MTP)."""
+    h = stage_hidden(model, spec, x, batch)
     if spec.last:
         return model.output_loss(h, batch.labels, mtp_lambda, batch.document_ids)
     return h

@@ -1,0 +1,161 @@
+"""Our pipeline executor next to torch.distributed.pipelining on the same stages and data (paper 3.2.1).
+
+PP = 2 gloo processes, the `tiny` preset with 4 layers (fp32, MTP on), 8 micro-batches of 1 x 256 tokens per
+step. Four runs on identical stage modules (parallel/pipeline/stage.py: each rank keeps its stages of the same
+seeded model): our executor with our 1F1B and DualPipeV action lists, and torch's `Schedule1F1B` and
+`ScheduleDualPipeV` (torch 2.13) driving `PipelineStage`s that wrap the same blocks; the last stage's loss
+(final norm, head, MTP) is torch's `loss_fn`. A step is barrier-aligned; its time is the slowest rank's, the
+median over STEPS steps after a warm-up. Gradient synchronisation and the optimizer are left out of both.
+
+Printed: step time per run and the ratios ours / torch for the same schedule (below 1 = ours faster). Two
+processes share the machine's two cores, so this compares the schedules' and executors' overheads on real
+compute, not a GPU cluster.
+
+    python -m bench.pipeline_torch   # prints a table, writes bench/results/pipeline_torch.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from model import Transformer
+from model.presets import load
+from parallel.pipeline.executor import PipelineExecutor, StageRunner
+from parallel.pipeline.schedule import build_schedule
+from parallel.pipeline.stage import MicroBatch, StageSpec, keep_stages, rank_stages, stage_forward, stage_hidden
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PP, N_MICRO, SEQ, MTP_LAMBDA = 2, 8, 256, 0.3
+WARMUP, STEPS = 2, 5
+
+
+class _TorchStage(nn.Module):
+    """One of our stages as a torch.distributed.pipelining submodule: tokens or hidden states in, hidden out."""
+
+    def __init__(self, model: Transformer, spec: StageSpec) -> None:
+        super().__init__()
+        self.model, self.spec = model, spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.first:
+            return stage_hidden(self.model, self.spec, None, MicroBatch(x, x))
+        return stage_hidden(self.model, self.spec, x, MicroBatch(torch.empty(0), torch.empty(0)))
+
+
+def _build(rank: int, schedule: str) -> tuple[Transformer, list[StageSpec]]:
+    cfg = load("tiny")
+    torch.manual_seed(0)
+    specs = rank_stages(schedule, PP, rank, cfg.n_layers)
+    return keep_stages(Transformer(cfg), specs), specs
+
+
+def _data(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(0, vocab, (N_MICRO, SEQ + 1), generator=g)
+    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+
+
+def _ours(rank: int, schedule: str):
+    model, specs = _build(rank, schedule)
+    tokens, labels = _data(model.cfg.vocab_size)
+
+    def forward(spec: StageSpec):
+        def run(x, m):
+            out = stage_forward(model, spec, x, MicroBatch(tokens[m:m + 1], labels[m:m + 1]), MTP_LAMBDA)
+            return out.loss / N_MICRO if spec.last else out
+        return run
+
+    stores = [m for m in model.modules() if hasattr(m, "wgrad_store")]
+    runners = [StageRunner(spec, forward(spec), stores) for spec in specs]
+    executor = PipelineExecutor(schedule, PP, rank, list(range(PP)), runners, (1, SEQ, model.cfg.dim), torch.float32)
+    actions = build_schedule(schedule, PP, rank, N_MICRO)
+
+    def step() -> None:
+        executor.run(actions, N_MICRO)
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def _torch(rank: int, schedule: str):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+
+    model, specs = _build(rank, schedule)
+    tokens, labels = _data(model.cfg.vocab_size)
+    n_stages = specs[0].n_stages
+    stages = [PipelineStage(_TorchStage(model, spec), spec.index, n_stages, torch.device("cpu")) for spec in specs]
+
+    def loss_fn(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return model.output_loss(h, target, MTP_LAMBDA).loss
+
+    runner = Schedule1F1B(stages[0], N_MICRO, loss_fn=loss_fn) if schedule == "1f1b" else \
+        ScheduleDualPipeV(stages, N_MICRO, loss_fn=loss_fn)
+    first = any(spec.first for spec in specs)
+    last = any(spec.last for spec in specs)
+
+    def step() -> None:
+        args = (tokens,) if first else ()
+        runner.step(*args, target=labels if last else None)
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def measure(rank: int) -> list[dict]:
+    rows = []
+    for name, make in (("ours", _ours), ("torch", _torch)):
+        for schedule in ("1f1b", "dualpipev"):
+            step = make(rank, schedule)
+            times = []
+            for i in range(WARMUP + STEPS):
+                dist.barrier()
+                t0 = time.perf_counter()
+                step()
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if i >= WARMUP:
+                    times.append(elapsed.item())
+            rows.append({"executor": name, "schedule": schedule, "step_s": statistics.median(times)})
+    return rows
+
+
+def _worker(rank: int, port: int, queue: mp.SimpleQueue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=PP)
+    try:
+        rows = measure(rank)
+        if rank == 0:
+            queue.put(rows)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_worker, args=(port, queue), nprocs=PP, join=True)
+    rows = queue.get()
+    by = {(r["executor"], r["schedule"]): r["step_s"] for r in rows}
+    print(f"PP={PP}, {N_MICRO} micro-batches of 1 x {SEQ} tokens, tiny preset (fp32); step time, slowest rank, median")
+    print(f"{'schedule':10} {'ours':>9} {'torch':>9} {'ours/torch':>11}")
+    for schedule in ("1f1b", "dualpipev"):
+        ours, theirs = by[("ours", schedule)], by[("torch", schedule)]
+        print(f"{schedule:10} {ours:>8.3f}s {theirs:>8.3f}s {ours / theirs:>11.2f}")
+    print(f"our dualpipev / torch's 1f1b: {by[('ours', 'dualpipev')] / by[('torch', '1f1b')]:.2f}")
+    (RESULTS / "pipeline_torch.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
