@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from bench.gloo import run_gloo
 from parallel.expert import ExpertParallelDispatcher
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,25 +69,8 @@ def measure(rank: int, ep: int, gpn: int) -> list[dict]:
     return rows
 
 
-def _worker(rank: int, ep: int, gpn: int, port: int, queue: mp.SimpleQueue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=ep)
-    try:
-        rows = measure(rank, ep, gpn)
-        if rank == 0:
-            queue.put(rows)
-    finally:
-        dist.destroy_process_group()
-
-
 def run(ep: int, gpn: int) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(ep, gpn, port, queue), nprocs=ep, join=True)
-    return queue.get()
+    return run_gloo(measure, ep, gpn)[0]
 
 
 def main() -> None:

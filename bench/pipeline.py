@@ -19,15 +19,13 @@ written as a Chrome trace and a PNG timeline next to the simulated one.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import statistics
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from bench.gloo import run_gloo
 from parallel.pipeline.executor import PipelineExecutor
 from parallel.pipeline.schedule import build_schedule
 from parallel.pipeline.simulate import Costs, Timeline, formula_bubble, plot_timeline, simulate, write_chrome_trace
@@ -60,26 +58,6 @@ def measure(rank: int, pp: int, schedule: str) -> dict:
     return {"bubble": statistics.median(bubbles), "events": events}
 
 
-def _worker(rank: int, pp: int, schedule: str, port: int, queue: mp.SimpleQueue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=pp)
-    try:
-        queue.put((rank, measure(rank, pp, schedule)))
-    finally:
-        dist.destroy_process_group()
-
-
-def run(pp: int, schedule: str) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(pp, schedule, port, queue), nprocs=pp, join=True)
-    out = dict(queue.get() for _ in range(pp))
-    return [out[r] for r in range(pp)]
-
-
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -87,7 +65,7 @@ def main() -> None:
           f"in units of F = {COSTS.F * 1e3:.0f} ms)")
     for schedule in SCHEDULES:
         for pp in PPS:
-            ranks = run(pp, schedule)
+            ranks = run_gloo(measure, pp, schedule)
             timeline = simulate(schedule, pp, 2 * pp, COSTS)
             row = {"schedule": schedule, "pp": pp, "microbatches": 2 * pp,
                    "measured_bubble_s": max(r["bubble"] for r in ranks),

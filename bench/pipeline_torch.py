@@ -17,17 +17,15 @@ compute, not a GPU cluster.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from bench.gloo import run_gloo
 from model import Transformer
 from model.presets import load
 from parallel.pipeline.executor import PipelineExecutor, StageRunner
@@ -109,7 +107,7 @@ def _torch(rank: int, schedule: str):
     return step
 
 
-def measure(rank: int) -> list[dict]:
+def measure(rank: int, world: int) -> list[dict]:
     rows = []
     for name, make in (("ours", _ours), ("torch", _torch)):
         for schedule in ("1f1b", "dualpipev"):
@@ -127,26 +125,9 @@ def measure(rank: int) -> list[dict]:
     return rows
 
 
-def _worker(rank: int, port: int, queue: mp.SimpleQueue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=PP)
-    try:
-        rows = measure(rank)
-        if rank == 0:
-            queue.put(rows)
-    finally:
-        dist.destroy_process_group()
-
-
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(port, queue), nprocs=PP, join=True)
-    rows = queue.get()
+    rows = run_gloo(measure, PP)[0]
     by = {(r["executor"], r["schedule"]): r["step_s"] for r in rows}
     print(f"PP={PP}, {N_MICRO} micro-batches of 1 x {SEQ} tokens, tiny preset (fp32); step time, slowest rank, median")
     print(f"{'schedule':10} {'ours':>9} {'torch':>9} {'ours/torch':>11}")

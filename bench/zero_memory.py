@@ -15,14 +15,11 @@ its own master), so at DP = 1 it holds more; from DP = 2 on it holds less. This 
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from bench.gloo import run_gloo
 from model import Transformer, presets
 from parallel.apply import is_expert_param
 from parallel.zero import ZeroOptimizer
@@ -51,27 +48,14 @@ def measure(dp: int) -> list[dict]:
     return rows
 
 
-def _worker(rank: int, dp: int, port: int, queue: mp.SimpleQueue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=dp)
-    try:
-        rows = measure(dp)
-        if rank == 0:
-            queue.put(rows)
-    finally:
-        dist.destroy_process_group()
+def _measure_rank(rank: int, world: int) -> list[dict]:
+    return measure(world)
 
 
 def run(dp: int) -> list[dict]:
     if dp == 1:
         return measure(1)  # no torch.distributed: ZeroOptimizer runs unsharded
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.spawn(_worker, args=(dp, port, queue), nprocs=dp, join=True)
-    return queue.get()
+    return run_gloo(_measure_rank, dp)[0]
 
 
 def plot(rows: list[dict], path: Path) -> None:
