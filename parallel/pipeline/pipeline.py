@@ -16,22 +16,9 @@ import torch.distributed as dist
 from model.moe import MoE
 from model.transformer import Transformer
 from parallel.fabric import Fabric
-from parallel.pipeline.action import Action, direction_of, phases
 from parallel.pipeline.executor import PipelineExecutor, StageRunner, StepStats
-from parallel.pipeline.schedule import build_schedule
+from parallel.pipeline.schedule import build_forward_schedule, build_schedule
 from parallel.pipeline.stage import MicroBatch, StageSpec, stage_forward, sync_replicated_grads
-
-
-def forward_schedule(name: str, num_ranks: int, rank: int, num_microbatches: int) -> list[Action]:
-    """Forward-only actions (evaluation): every micro-batch through each of the rank's stages, phase by phase.
-    Deadlock-free because sends never block: a rank's phase-0 forwards need only upstream phase-0 outputs, and
-    its phase-1 forwards only outputs that ranks produce after their own phase-0 forwards."""
-    actions = []
-    for phase in range(phases(name)):
-        for m in range(num_microbatches):
-            if name != "dualpipe" or direction_of(name, m, num_microbatches) == phase:
-                actions.append(Action("F", phase, m))
-    return actions
 
 
 class Pipeline:
@@ -106,5 +93,5 @@ class Pipeline:
 
         n = len(batches)
         executor = self._executor((*batches[0][0].shape, self.model.cfg.dim), forward)
-        executor.run(forward_schedule(self.schedule, self.pp, self.pp_rank, n), n, forward_only=True)
+        executor.run(build_forward_schedule(self.schedule, self.pp, self.pp_rank, n), n, forward_only=True)
         return total[0]

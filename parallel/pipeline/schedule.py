@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 from parallel.pipeline.action import SCHEDULES, Action, direction_of, num_stages, owner, phases, stage_of
 
-__all__ = ["Action", "Event", "ScheduleError", "build_schedule", "check_schedule_args", "peak_activations", "replay",
-           "validate_schedule"]
+__all__ = ["Action", "Event", "ScheduleError", "build_forward_schedule", "build_schedule", "check_schedule_args",
+           "peak_activations", "replay", "validate_schedule"]
 
 Event = tuple[float, float, Action]
 
@@ -63,6 +63,18 @@ def build_schedule(name: str, num_ranks: int, rank: int, num_microbatches: int) 
     if name in ("1f1b", "zb1p"):
         return _one_f_one_b(num_ranks, rank, num_microbatches, zero_bubble=name == "zb1p")
     return _dual(name, num_ranks, rank, num_microbatches)
+
+
+def build_forward_schedule(name: str, num_ranks: int, rank: int, num_microbatches: int) -> list[Action]:
+    """Forward-only actions (evaluation): every micro-batch through each of the rank's stages, phase by phase.
+    It cannot deadlock, because sends never block: a rank's phase-0 forwards need only upstream phase-0 outputs,
+    and its phase-1 forwards only outputs that ranks produce after their own phase-0 forwards."""
+    if name not in SCHEDULES:
+        check_schedule_args(name, num_ranks, num_microbatches)
+    if not 0 <= rank < num_ranks:
+        raise ScheduleError(f"pipeline rank {rank} does not exist with parallel.pp={num_ranks}")
+    return [Action("F", phase, m) for phase in range(phases(name)) for m in range(num_microbatches)
+            if name != "dualpipe" or direction_of(name, m, num_microbatches) == phase]
 
 
 def _one_f_one_b(num_ranks: int, rank: int, n: int, zero_bubble: bool) -> list[Action]:

@@ -218,3 +218,31 @@ def test_bad_configurations_name_the_key_and_the_fix(args, message):
 def test_rank_out_of_range():
     with pytest.raises(ScheduleError, match=r"pipeline rank 2 does not exist with parallel.pp=2"):
         build_schedule("1f1b", 2, 2, 4)
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb1p", "dualpipe", "dualpipev"])
+def test_forward_only_schedule_runs_every_micro_batch_once_per_stage(name):
+    """Evaluation: each stage a rank owns sees each of its micro-batches once, in order, and the replay of the
+    data flow (F needs the previous stage's F) completes."""
+    from parallel.pipeline.action import stage_of
+    from parallel.pipeline.schedule import build_forward_schedule
+
+    ranks, n = 4, 8
+    lists = [build_forward_schedule(name, ranks, r, n) for r in range(ranks)]
+    done = set()
+    progress = True
+    while progress:  # a forward runs once its input stage has run the micro-batch (sends never block)
+        progress = False
+        for r, actions in enumerate(lists):
+            while actions:
+                a = actions[0]
+                s = stage_of(name, ranks, r, a.phase)
+                if s > 0 and (s - 1, a.microbatch) not in done:
+                    break
+                done.add((s, a.microbatch))
+                actions.pop(0)
+                progress = True
+    assert not any(lists), "forward-only schedule deadlocks"
+    stages = 2 * ranks if name == "dualpipev" else ranks
+    assert done == {(s, m) for s in range(stages) for m in range(n)}
+    assert all(a.kind == "F" for r in range(ranks) for a in build_forward_schedule(name, ranks, r, n))
