@@ -24,6 +24,7 @@ def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, queue: mp.
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         queue.put((rank, fn(rank, world, *args)))
+        dist.barrier()  # no rank leaves while another still talks to it (an exit mid-exchange aborts gloo)
     finally:
         dist.destroy_process_group()
 
