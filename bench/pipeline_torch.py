@@ -30,7 +30,7 @@ from model import Transformer
 from model.presets import load
 from parallel.pipeline.executor import PipelineExecutor, StageRunner
 from parallel.pipeline.schedule import build_schedule
-from parallel.pipeline.stage import MicroBatch, StageSpec, keep_stages, rank_stages, stage_forward, stage_hidden
+from parallel.pipeline.stage import MicroBatch, StageSpec, keep_stages, rank_stages, stage_forward
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PP, N_MICRO, SEQ, MTP_LAMBDA = 2, 8, 256, 0.3
@@ -46,8 +46,8 @@ class _TorchStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.first:
-            return stage_hidden(self.model, self.spec, None, MicroBatch(x, x))
-        return stage_hidden(self.model, self.spec, x, MicroBatch(torch.empty(0), torch.empty(0)))
+            return stage_forward(self.model, self.spec, None, MicroBatch(x, x), output=False)
+        return stage_forward(self.model, self.spec, x, MicroBatch(torch.empty(0), torch.empty(0)), output=False)
 
 
 def _build(rank: int, schedule: str) -> tuple[Transformer, list[StageSpec]]:

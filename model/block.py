@@ -1,16 +1,23 @@
 """A Transformer block (paper 2.1): MLA then a dense FFN or DeepSeekMoE, each behind an RMSNorm.
 
-A MoE block runs as five phases (DESIGN.md principle 3), which `forward` calls in order and a pipeline
-scheduler may interleave with another micro-batch's phases (model/phases.py runs them one at a time):
+A MoE block runs as five phases (DESIGN.md principle 3):
 
     attn_router: x = x + MLA(norm(x)); h = norm(x); route h          (compute)
     dispatch:    rows for the experts' owners                        (communication under EP)
     experts:     routed experts on the rows, shared experts on h     (compute)
     combine:     expert outputs back to their tokens                 (communication under EP)
     residual:    x + shared + routed
+
+`steps` is the block's forward as a generator that pauses right after each all-to-all is launched, before
+waiting for it: a pipeline scheduler resumes it while another micro-batch's backward computes, so the
+exchange runs behind that compute (DualPipe's overlapped chunk, paper 3.2.1; parallel/pipeline/overlap.py).
+`forward` runs the same steps without pausing, so both are one computation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -33,34 +40,47 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        return run_steps(self.steps(x, cos, sin, mask))
+
+    def steps(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              mask: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
+        """The forward, pausing (yield) after launching the dispatch and after launching the combine."""
         if not self.is_moe:
             x = x + self.attn(self.attn_norm(x), cos, sin, mask)
             return x + self.ffn(self.ffn_norm(x))
         x, h, idx, w = self.attn_router(x, cos, sin, mask)
-        rows, ids, rw, layout = self.dispatch(h, idx, w)
+        exchange = self.ffn.dispatcher.dispatch_async(h.flatten(0, 1), idx, w)
+        yield
+        rows, ids, rw, layout = exchange.wait()
         y, shared = self.experts(rows, ids, rw, h)
-        return self.residual(x, shared, self.combine(y, layout))
+        exchange = self.ffn.dispatcher.combine_async(y, layout)
+        yield
+        return self.residual(x, shared, exchange.wait())
 
-    # ---- MoE phases -------------------------------------------------------------------------------
+    # ---- MoE compute phases (dispatch and combine are the dispatcher's) -----------------------------------
     def attn_router(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
         """-> x after attention [B, T, dim], h = norm(x) with the balance loss attached, ids/weights [B*T, K]."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         h, idx, w = self.ffn.route(self.ffn_norm(x))
         return x, h, idx, w
 
-    def dispatch(self, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
-        """-> rows [R, dim], local expert ids [R, K], weights [R, K], layout (opaque, for combine)."""
-        return self.ffn.dispatcher.dispatch(h.flatten(0, 1), idx, w)
-
     def experts(self, rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
         """-> weighted routed outputs per row [R, dim], shared-expert output [B, T, dim] (or None)."""
         shared = self.ffn.shared_experts(h) if self.ffn.shared_experts is not None else None
         return self.ffn.experts(rows, ids, w), shared
 
-    def combine(self, y: torch.Tensor, layout: object) -> torch.Tensor:
-        """-> routed output per token [B*T, dim]."""
-        return self.ffn.dispatcher.combine(y, layout)
-
     def residual(self, x: torch.Tensor, shared: torch.Tensor | None, routed: torch.Tensor) -> torch.Tensor:
         routed = routed.view_as(x)
         return x + (routed if shared is None else shared + routed)
+
+
+T = TypeVar("T")
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """Run a `steps` generator to its end without pausing; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value

@@ -164,19 +164,33 @@ class RoutedExperts(nn.Module):
         return out.index_add_(0, pairs // k, y).to(rows.dtype)
 
 
+class Ready:
+    """An exchange that completed when it started: `wait()` returns its result."""
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+
+    def wait(self) -> object:
+        return self.result
+
+
 class LocalDispatcher:
     """Dispatch/combine inside one process: every expert is local, so both are identities.
 
-    parallel/expert.py provides the expert-parallel dispatcher with the same interface; the model never
-    knows which one it runs with.
+    parallel/expert.py provides the expert-parallel dispatcher with the same interface (`dispatch_async` and
+    `combine_async` return a handle whose `wait()` gives the result); the model never knows which one it runs
+    with.
     """
 
-    def dispatch(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
-        """h [N, dim], idx/weights [N, K] -> (rows, local expert ids, weights, layout)."""
-        return h, idx, weights, None
+    waited_s = linked_s = 0.0  # seconds waited for exchanges, and their simulated link time: none here
+    during_exchange = None  # no backward exchange to run anything behind
 
-    def combine(self, y: torch.Tensor, layout: object) -> torch.Tensor:
-        return y
+    def dispatch_async(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> Ready:
+        """h [N, dim], idx/weights [N, K] -> (rows, local expert ids, weights, layout) once waited for."""
+        return Ready((h, idx, weights, None))
+
+    def combine_async(self, y: torch.Tensor, layout: object) -> Ready:
+        return Ready(y)
 
 
 class MoE(nn.Module):

@@ -28,6 +28,7 @@ class ParallelConfig:
     microbatches: int | None = None  # micro-batches per step and pipeline; None: global batch / (micro-batch x DP)
     stage_layers: list[int] | None = None  # explicit layer count per pipeline stage; None: an even split
     fabric: dict | None = None  # simulated links for CPU runs: {intra_gbps, inter_gbps, latency_us}; parallel/fabric.py
+    overlap: bool = True  # run an FB chunk's forward inside its backward (pipeline/overlap.py); false: F then B
 
     def validate(self, world_size: int = 1) -> ParallelConfig:
         """The arithmetic of the grid and the schedule's rules that do not depend on the batch."""
@@ -61,6 +62,8 @@ class ParallelConfig:
         from parallel.fabric import Fabric
 
         Fabric.from_config(self.fabric)
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"parallel.overlap={self.overlap!r}: must be true or false")
         if self.microbatches is not None and self.microbatches < 1:
             raise ConfigError(f"parallel.microbatches={self.microbatches}: must be >= 1, or null to derive it")
         gpn = self.gpus_per_node

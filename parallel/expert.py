@@ -77,10 +77,11 @@ class DispatchLayout:
 
 class CommHandle:
     """An exchange in flight; `wait()` completes it (driving any later stage) and returns the result. The time
-    spent in `wait()` (communication the caller did not hide behind compute) is added to `clock["wait_s"]`."""
+    spent in `wait()` (communication the caller did not hide behind compute) is passed to `waited`."""
 
-    def __init__(self, flow: Flow, finish: Callable[[list[torch.Tensor]], object], clock: dict | None = None) -> None:
-        self._flow, self._finish, self._clock = flow, finish, clock
+    def __init__(self, flow: Flow, finish: Callable[[list[torch.Tensor]], object],
+                 waited: Callable[[float], None] | None = None) -> None:
+        self._flow, self._finish, self._waited = flow, finish, waited
         self._works = next(flow)  # launches the first stage now
         self._done, self._result = False, None
 
@@ -96,8 +97,8 @@ class CommHandle:
                     self._result = self._finish(stop.value)
                     break
             self._done, self._flow, self._works = True, None, []
-            if self._clock is not None:
-                self._clock["wait_s"] += time.perf_counter() - t0
+            if self._waited is not None:
+                self._waited(time.perf_counter() - t0)
         return self._result
 
 
@@ -153,7 +154,12 @@ class ExpertParallelDispatcher:
         self.hierarchical = hierarchical
         # with one node, or one rank per node, the flat exchange already sends a token once per node
         self._two_stage = hierarchical and self.n_nodes > 1 and self.gpus_per_node > 1
-        self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0, wait_s=0.0)
+        self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0, wait_s=0.0, link_s=0.0)
+        # running totals (never reset) of `wait_s` and `link_s`, for per-action accounting by a pipeline executor
+        self.waited_s = self.linked_s = 0.0
+        # called right after a backward exchange is launched and before it is waited for: a pipeline's overlapped
+        # chunk runs another micro-batch's forward there (parallel/pipeline/overlap.py)
+        self.during_exchange: Callable[[], None] | None = None
 
     # ---- payload hook -------------------------------------------------------------------------------------
     def pack(self, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -190,21 +196,26 @@ class ExpertParallelDispatcher:
             rows, row_weights = _Dispatch.apply(h, weights, (self, layout, rows, layout.row_weights.clone()))
             return rows, layout.local_ids, row_weights, layout
 
-        return CommHandle(self._dispatch_flow(layout, packed), finish, self._stats)
+        return CommHandle(self._dispatch_flow(layout, packed), finish, self._waited)
 
     def combine_async(self, y: torch.Tensor, layout: DispatchLayout) -> CommHandle:
         """Start sending y back; `wait()` returns what `combine` does."""
         def finish(tensors: list[torch.Tensor]) -> torch.Tensor:
             return _Combine.apply(y, (self, layout, tensors[0].to(y.dtype)))
 
-        return CommHandle(self._combine_flow(layout, [y.detach()]), finish, self._stats)
+        return CommHandle(self._combine_flow(layout, [y.detach()]), finish, self._waited)
 
     def stats(self) -> dict[str, float]:
-        """Totals since the last call (then reset): dispatches, dispatch_rows, tokens, cross_node_bytes, and
-        wait_s, the seconds spent waiting for payload exchanges (forward and backward): the exposed all-to-all."""
+        """Totals since the last call (then reset): dispatches, dispatch_rows, tokens, cross_node_bytes, wait_s,
+        the seconds spent waiting for payload exchanges (forward and backward): the exposed all-to-all, and
+        link_s, the simulated fabric's modelled seconds of those exchanges (0 without a fabric)."""
         out = dict(self._stats)
         self._stats = dict.fromkeys(out, 0)
         return out
+
+    def _waited(self, seconds: float) -> None:
+        self._stats["wait_s"] += seconds
+        self.waited_s += seconds
 
     # ---- layout (counts + metadata) -----------------------------------------------------------------------
     def _plan(self, idx: torch.Tensor, weights: torch.Tensor) -> DispatchLayout:
@@ -270,7 +281,10 @@ class ExpertParallelDispatcher:
             node = [r // self.gpus_per_node for r in range(self.ep)]
             intra = sum(n for r, n in enumerate(send) if r != self.rank and node[r] == self.node)
             inter = sum(n for r, n in enumerate(send) if node[r] != self.node)
-            works.append(LinkDelay(self.fabric.seconds(intra * row_bytes, inter * row_bytes)))
+            seconds = self.fabric.seconds(intra * row_bytes, inter * row_bytes)
+            self._stats["link_s"] += seconds
+            self.linked_s += seconds
+            works.append(LinkDelay(seconds))
         return outs, works
 
     def _dispatch_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor]) -> Flow:
@@ -297,8 +311,12 @@ class ExpertParallelDispatcher:
         return tensors
 
     def _run(self, flow: Flow) -> list[torch.Tensor]:
-        """A backward exchange, waited for at once (autograd runs it in the middle of a backward)."""
-        return CommHandle(flow, lambda tensors: tensors, self._stats).wait()
+        """A backward exchange (autograd runs it in the middle of a backward): launched, then `during_exchange`
+        (if set) computes something else, then waited for."""
+        handle = CommHandle(flow, lambda tensors: tensors, self._waited)
+        if self.during_exchange is not None:
+            self.during_exchange()
+        return handle.wait()
 
 
 def _pairs(target: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,7 +100,7 @@ class Runtime:
             self.holder_of = holders(cfg.schedule, self.pp, n_layers, cfg.stage_layers, model.cfg.n_mtp_depth > 0)
             self.pipeline = Pipeline(model, cfg.schedule, self.pp, self.pp_rank, self.grid.pp_ranks, specs,
                                      self.holder_of, self._replica_groups(), Fabric.from_config(cfg.fabric),
-                                     cfg.gpus_per_node)
+                                     cfg.gpus_per_node, cfg.overlap)
         if self.ep > 1:
             g = self.grid
             apply_expert_parallel(model, g.ep_group, self.ep_rank, self.ep, g.gpus_per_node,

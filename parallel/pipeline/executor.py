@@ -14,17 +14,23 @@ validator checks that both ends agree); activations and gradients use two tags. 
 A stage's output is released as soon as it is sent (its values are not needed by the backward, only its graph);
 its input, the activations its graph saved and its deferred W are released by the micro-batch's B and W.
 
+An FB action (DualPipe's overlapped chunk) runs its forward inside its backward when `overlap` is on and the
+forward stage has `steps` (parallel/pipeline/overlap.py): each all-to-all of one micro-batch is then in flight
+while the other computes. Otherwise, and always for the forward-then-backward reference order, it runs the
+forward, then the backward; the results are bitwise the same.
+
 A B with `defer_w` leaves its weight-gradient GEMMs in a `fp8.linear.WeightGradStore` owned by this executor,
 one per (phase, micro-batch), by pointing the stage's Linears at it during the backward; the matching W runs
 them.
 
-`run` returns per-action timings: the busy time (compute) and the time spent waiting for receives, per rank.
+`run` returns per-action timings: the busy time (compute) and the time spent waiting for receives, per rank,
+and per action kind the expert all-to-all time exposed (waited for) and modelled by the simulated fabric.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +41,7 @@ from torch.autograd import Variable
 from fp8.linear import WeightGradStore
 from parallel.fabric import Fabric, LinkDelay
 from parallel.pipeline.action import Action, direction_of, owner
+from parallel.pipeline.overlap import ForwardInBackward
 from parallel.pipeline.stage import StageSpec
 
 ACTIVATION, GRADIENT = 0, 1  # p2p tags
@@ -54,18 +61,27 @@ class StageRunner:
     spec: StageSpec
     forward: Callable[[torch.Tensor | None, int], torch.Tensor]  # (input or None, micro-batch) -> output / loss
     modules: list[nn.Module] = field(default_factory=list)  # modules with a `wgrad_store` (deferred W)
+    # the same forward as a generator pausing after each all-to-all it launches (needed to overlap an FB)
+    steps: Callable[[torch.Tensor | None, int], Generator[None, None, torch.Tensor]] | None = None
+    dispatchers: list = field(default_factory=list)  # the stage's expert-parallel dispatchers (exchange hooks)
 
 
 @dataclass
 class StepStats:
     """Wall-clock facts of one step on this rank, in seconds: `busy` computing, `wait` waiting for receives,
     `total` from the step's start to its end; `events` are each action's compute (start, end, action) from the
-    step's start, as the simulator's timelines (`simulate.Timeline([stats.events, ...])`)."""
+    step's start, as the simulator's timelines (`simulate.Timeline([stats.events, ...])`). Per action kind:
+    `exchange_wait` the seconds spent waiting for expert all-to-alls (exposed), `exchange_link` their modelled
+    duration on the simulated fabric; `overlapped` counts the FB chunks' backward exchanges that ran a piece of
+    the other micro-batch's forward while in flight."""
 
     busy: float = 0.0
     wait: float = 0.0
     total: float = 0.0
     events: list[tuple[float, float, Action]] = field(default_factory=list)
+    exchange_wait: dict[str, float] = field(default_factory=dict)
+    exchange_link: dict[str, float] = field(default_factory=dict)
+    overlapped: int = 0  # backward exchanges that had the other micro-batch's forward running behind them
 
     @property
     def idle(self) -> float:
@@ -82,9 +98,10 @@ class PipelineExecutor:
 
     def __init__(self, schedule: str, pp: int, pp_rank: int, ranks: list[int], stages: list[StageRunner],
                  shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
-                 fabric: Fabric | None = None, gpus_per_node: int = 8) -> None:
+                 fabric: Fabric | None = None, gpus_per_node: int = 8, overlap: bool = False) -> None:
         self.schedule, self.pp, self.pp_rank, self.ranks = schedule, pp, pp_rank, ranks
-        self.fabric, self.gpus_per_node = fabric, gpus_per_node
+        self.fabric, self.gpus_per_node, self.overlap = fabric, gpus_per_node, overlap
+        self._dispatchers = list({id(d): d for r in stages for d in r.dispatchers}.values())
         self.stages, self.shape, self.dtype, self.device = stages, tuple(shape), dtype, torch.device(device)
         self.stores: dict[tuple[int, int], WeightGradStore] = {}
 
@@ -99,6 +116,7 @@ class PipelineExecutor:
         only (evaluation, under no_grad); nothing is kept for a backward."""
         inputs: dict[tuple[int, int], torch.Tensor | None] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
+        grads: dict[tuple[int, int], torch.Tensor] = {}  # received output gradients, until their B
         local: dict[tuple[int, int, int], torch.Tensor] = {}  # (tag, stage, micro-batch) handed over in memory
         sends: list[dist.Work] = []
         stats = StepStats()
@@ -132,6 +150,31 @@ class PipelineExecutor:
                 sends.extend(dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor.contiguous(), self.ranks[peer],
                                                                 tag=tag)]))
 
+        def forward_done(part: Action, out: torch.Tensor) -> None:
+            spec = self.stages[part.phase].spec
+            key = (part.phase, part.microbatch)
+            if forward_only:
+                inputs.pop(key)
+            else:
+                outputs[key] = out
+            if not spec.last and tuple(out.shape) != self.shape:
+                raise ValueError(f"micro-batch {part.microbatch}: stage {spec.index} produced hidden states "
+                                 f"of shape {tuple(out.shape)}, the pipeline was set up for {self.shape}; "
+                                 "every micro-batch of a step must have the same shape (micro-batch size "
+                                 "and sequence length)")
+            if not spec.last:
+                send(out.detach(), spec.index + 1, part.microbatch, ACTIVATION)
+                if not forward_only and out.grad_fn is not None:
+                    _release(out)
+
+        def backward(part: Action) -> None:
+            spec = self.stages[part.phase].spec
+            key = (part.phase, part.microbatch)
+            self._backward(part, outputs.pop(key), grads.pop(key, None))
+            x = inputs.pop(key)
+            if not spec.first:
+                send(x.grad, spec.index - 1, part.microbatch, GRADIENT)
+
         for action in actions:
             parts = action.parts()
             ops, received = [], []
@@ -145,38 +188,33 @@ class PipelineExecutor:
                     work.wait()
                 t1 = time.perf_counter()
                 stats.wait += t1 - t0
-            grads = {}
             for key, tensor in received:
                 if key[0] == "in":
                     inputs[key[1:]] = tensor if forward_only else tensor.requires_grad_()
                 else:
                     grads[key[1:]] = tensor
-            for part in parts:
-                spec = self.stages[part.phase].spec
-                key = (part.phase, part.microbatch)
-                if part.kind == "F":
-                    x = inputs.setdefault(key, None)
-                    out = self.stages[part.phase].forward(x, part.microbatch)
-                    if forward_only:
-                        inputs.pop(key)
-                    else:
-                        outputs[key] = out
-                    if not spec.last and tuple(out.shape) != self.shape:
-                        raise ValueError(f"micro-batch {part.microbatch}: stage {spec.index} produced hidden states "
-                                         f"of shape {tuple(out.shape)}, the pipeline was set up for {self.shape}; "
-                                         "every micro-batch of a step must have the same shape (micro-batch size "
-                                         "and sequence length)")
-                    if not spec.last:
-                        send(out.detach(), spec.index + 1, part.microbatch, ACTIVATION)
-                        if not forward_only and out.grad_fn is not None:
-                            _release(out)
-                elif part.kind == "B":
-                    self._backward(part, outputs.pop(key), grads.get(key))
-                    x = inputs.pop(key)
-                    if not spec.first:
-                        send(x.grad, spec.index - 1, part.microbatch, GRADIENT)
-                else:  # W
-                    self.stores.pop(key).flush()
+
+            exchanged = self._exchange_clock()
+            f_runner = self.stages[action.forward.phase] if action.kind == "FB" else None
+            if f_runner is not None and self.overlap and f_runner.steps is not None:
+                f, b = action.forward, action.backward
+                steps = f_runner.steps(inputs.setdefault((f.phase, f.microbatch), None), f.microbatch)
+                driver = ForwardInBackward(steps, self.stages[b.phase].dispatchers)
+                forward_done(f, driver.run(lambda: backward(b)))
+                stats.overlapped += driver.resumed
+            else:
+                for part in parts:
+                    key = (part.phase, part.microbatch)
+                    if part.kind == "F":
+                        forward_done(part, self.stages[part.phase].forward(inputs.setdefault(key, None),
+                                                                            part.microbatch))
+                    elif part.kind == "B":
+                        backward(part)
+                    else:  # W
+                        self.stores.pop(key).flush()
+            waited, linked = (after - before for after, before in zip(self._exchange_clock(), exchanged))
+            stats.exchange_wait[action.kind] = stats.exchange_wait.get(action.kind, 0.0) + waited
+            stats.exchange_link[action.kind] = stats.exchange_link.get(action.kind, 0.0) + linked
             t2 = time.perf_counter()
             stats.busy += t2 - t1
             sends = [work for work in sends if not work.is_completed()]  # finished sends free their tensors
@@ -188,6 +226,10 @@ class PipelineExecutor:
                                f"backward {sorted(outputs)}, deferred W {sorted(self.stores)}); it is not valid")
         stats.total = time.perf_counter() - t_step
         return stats
+
+    def _exchange_clock(self) -> tuple[float, float]:
+        """Running totals of the stages' expert all-to-all seconds: (waited for, modelled by the fabric)."""
+        return (sum(d.waited_s for d in self._dispatchers), sum(d.linked_s for d in self._dispatchers))
 
     def _link_delay(self, ops: list[dist.P2POp]) -> list[LinkDelay]:
         """The simulated fabric's time for this action's receives, from now (parallel/fabric.py)."""

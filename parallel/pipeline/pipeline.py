@@ -10,25 +10,28 @@ micro-batches (not yet divided by their number); the caller sums them over the p
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 import torch.distributed as dist
 
+from model.block import run_steps
 from model.moe import MoE
 from model.transformer import Transformer
 from parallel.fabric import Fabric
 from parallel.pipeline.executor import PipelineExecutor, StageRunner, StepStats
 from parallel.pipeline.schedule import build_forward_schedule, build_schedule
-from parallel.pipeline.stage import MicroBatch, StageSpec, stage_forward, sync_replicated_grads
+from parallel.pipeline.stage import MicroBatch, StageSpec, stage_steps, sync_replicated_grads
 
 
 class Pipeline:
     def __init__(self, model: Transformer, schedule: str, pp: int, pp_rank: int, ranks: list[int],
                  specs: list[StageSpec], holder_of: dict[str, list[int]],
                  replica_groups: dict[tuple[int, ...], dist.ProcessGroup], fabric: Fabric | None = None,
-                 gpus_per_node: int = 8) -> None:
+                 gpus_per_node: int = 8, overlap: bool = True) -> None:
         self.model, self.schedule, self.pp, self.pp_rank, self.ranks = model, schedule, pp, pp_rank, ranks
         self.specs, self.holder_of, self.replica_groups = specs, holder_of, replica_groups
-        self.fabric, self.gpus_per_node = fabric, gpus_per_node
+        self.fabric, self.gpus_per_node, self.overlap = fabric, gpus_per_node, overlap
         self.device, self.dtype = torch.device("cpu"), torch.float32  # set by `to` once the model is placed
         self.wgrad_modules = [m for m in model.modules() if hasattr(m, "wgrad_store")]
         self.last_stats: StepStats | None = None
@@ -43,10 +46,15 @@ class Pipeline:
             layers += [module.block for module in self.model.mtp]
         return [layer.ffn for layer in layers if isinstance(layer.ffn, MoE)]
 
-    def _executor(self, shape: tuple[int, ...], forward) -> PipelineExecutor:
-        runners = [StageRunner(spec, forward(spec), self.wgrad_modules) for spec in self.specs]
+    def _executor(self, shape: tuple[int, ...], steps) -> PipelineExecutor:
+        """`steps(spec)` -> the stage's forward as a generator function (x, micro-batch) (see StageRunner)."""
+        runners = []
+        for spec in self.specs:
+            run = steps(spec)
+            runners.append(StageRunner(spec, lambda x, m, run=run: run_steps(run(x, m)), self.wgrad_modules, run,
+                                       [moe.dispatcher for moe in self._moes(spec)]))
         return PipelineExecutor(self.schedule, self.pp, self.pp_rank, self.ranks, runners, shape, self.dtype,
-                                self.device, self.fabric, self.gpus_per_node)
+                                self.device, self.fabric, self.gpus_per_node, self.overlap)
 
     def train_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], mtp_lambda: float) -> dict[str, float]:
         """Forward and backward of one step's micro-batches through the schedule; returns this rank's sums
@@ -58,9 +66,9 @@ class Pipeline:
         def forward(spec: StageSpec):
             moes = self._moes(spec)
 
-            def run(x: torch.Tensor | None, m: int) -> torch.Tensor:
+            def run(x: torch.Tensor | None, m: int) -> Generator[None, None, torch.Tensor]:
                 tokens, labels = (t.to(self.device) for t in batches[m])
-                out = stage_forward(self.model, spec, x, MicroBatch(tokens, labels), mtp_lambda)
+                out = yield from stage_steps(self.model, spec, x, MicroBatch(tokens, labels), mtp_lambda)
                 sums["aux_loss"] += sum(moe.last_aux_loss.item() for moe in moes if moe.last_aux_loss is not None)
                 if not spec.last:
                     return out
@@ -82,9 +90,9 @@ class Pipeline:
         total = [0.0]
 
         def forward(spec: StageSpec):
-            def run(x: torch.Tensor | None, m: int) -> torch.Tensor:
+            def run(x: torch.Tensor | None, m: int) -> Generator[None, None, torch.Tensor]:
                 tokens, labels = (t.to(self.device) for t in batches[m])
-                out = stage_forward(self.model, spec, x, MicroBatch(tokens, labels))
+                out = yield from stage_steps(self.model, spec, x, MicroBatch(tokens, labels))
                 if spec.last:
                     total[0] += out.main.item()
                     return out.main

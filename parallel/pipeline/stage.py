@@ -21,12 +21,14 @@ last rank of 1F1B with MTP) get their gradients summed over those ranks before t
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.block import run_steps
 from model.config import ConfigError
 from model.transformer import LossOutput, Transformer, document_mask
 from parallel.pipeline.action import num_stages, phases, stage_of
@@ -102,23 +104,25 @@ class MicroBatch:
     document_ids: torch.Tensor | None = None
 
 
-def stage_hidden(model: Transformer, spec: StageSpec, x: torch.Tensor | None, batch: MicroBatch) -> torch.Tensor:
-    """One stage's blocks: tokens (first stage) or the previous stage's hidden states `x` -> its hidden states."""
+def stage_steps(model: Transformer, spec: StageSpec, x: torch.Tensor | None, batch: MicroBatch,
+                mtp_lambda: float = 0.0, output: bool = True) -> Generator[None, None, torch.Tensor | LossOutput]:
+    """One stage's forward as a generator that pauses after each all-to-all it launches (`Block.steps`): tokens
+    (first stage) or the previous stage's hidden states `x` through its blocks, then on the last stage (unless
+    `output` is False) the micro-batch's LossOutput (main + MTP); otherwise its hidden states."""
     h = model.embed(batch.tokens) if spec.first else x
     cos, sin = model._rope(h.shape[1])
     mask = document_mask(batch.document_ids)
     for i in spec.layers:
-        h = model.layers[str(i)](h, cos, sin, mask)
+        h = yield from model.layers[str(i)].steps(h, cos, sin, mask)
+    if spec.last and output:
+        return model.output_loss(h, batch.labels, mtp_lambda, batch.document_ids)
     return h
 
 
 def stage_forward(model: Transformer, spec: StageSpec, x: torch.Tensor | None, batch: MicroBatch,
-                  mtp_lambda: float = 0.0) -> torch.Tensor | LossOutput:
-    """One stage: `stage_hidden`, then on the last stage the micro-batch's LossOutput (main + MTP)."""
-    h = stage_hidden(model, spec, x, batch)
-    if spec.last:
-        return model.output_loss(h, batch.labels, mtp_lambda, batch.document_ids)
-    return h
+                  mtp_lambda: float = 0.0, output: bool = True) -> torch.Tensor | LossOutput:
+    """`stage_steps` run without pausing."""
+    return run_steps(stage_steps(model, spec, x, batch, mtp_lambda, output))
 
 
 def holders(schedule: str, pp: int, n_layers: int, stage_layers: list[int] | None, mtp: bool,
