@@ -192,20 +192,24 @@ class Runtime:
     def dispatch_stats(self) -> dict[str, object]:
         """Since the last call: cross-node bytes per token of the expert all-to-all (paper 3.2), summed over every
         MoE layer and rank, and per rank the seconds its compute waited for all-to-all exchanges (the exposed
-        all-to-all); empty without expert parallelism."""
+        all-to-all) and, on a simulated fabric, the exchanges' modelled seconds; empty without expert parallelism."""
         if self.ep == 1:
             return {}
         from model.moe import MoE
 
         totals = torch.zeros(2, dtype=torch.float64)
-        wait = 0.0
+        wait = link = 0.0
         for moe in (m for m in self._model.modules() if isinstance(m, MoE)):
             stats = moe.dispatcher.stats()
             totals += torch.tensor([stats["cross_node_bytes"], stats["tokens"]], dtype=torch.float64)
             wait += stats["wait_s"]
+            link += stats["link_s"]
         dist.all_reduce(totals)
-        return {"cross_node_bytes_per_token": (totals[0] / totals[1].clamp_min(1)).item(),
-                "all_to_all_wait_rank_s": self.gather(wait)}
+        out = {"cross_node_bytes_per_token": (totals[0] / totals[1].clamp_min(1)).item(),
+               "all_to_all_wait_rank_s": self.gather(wait)}
+        if self.grid.cfg.fabric is not None:
+            out["all_to_all_link_rank_s"] = self.gather(link)
+        return out
 
     def pipeline_stats(self) -> dict[str, list[float]]:
         """Per rank, the last step's pipeline compute time and the time it waited for stage-to-stage transfers

@@ -67,6 +67,13 @@ def test_pipeline_layouts_equal_the_single_process_run(tmp_path, world, override
         assert len(got) == len(ref) > 0
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
                                    rtol=1e-6, atol=0)
+    if any(o.startswith("parallel.fabric=") for o in overrides):  # the exposed and modelled all-to-all are logged
+        import json
+
+        train_rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                      if r["split"] == "train"]
+        assert train_rows and all(len(r["all_to_all_link_rank_s"]) == world and min(r["all_to_all_link_rank_s"]) > 0
+                                  and len(r["all_to_all_wait_rank_s"]) == world for r in train_rows)
     weights, ref_weights = load_checkpoint(run)[0]["model"], load_checkpoint(ref_run)[0]["model"]
     assert weights.keys() == ref_weights.keys()
     # Gradients summed in another order (the embedding's over two ranks, micro-batch by micro-batch) differ by
