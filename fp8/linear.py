@@ -7,14 +7,28 @@ autograd functions with the three GEMMs of a linear layer named as in the paper'
     Dgrad  dx = dy @ W
     Wgrad  dW = dy.T @ x
 
-so that the FP8 recipe (fp8/, paper 3.3) can later replace each GEMM in one place, and so that the Wgrad
-GEMM can be deferred into a `WeightGradStore` owned by a pipeline instance (zero-bubble "W" of ZB1P and
-DualPipe, paper 3.2.1). A module whose `wgrad_store` is None computes its weight gradient immediately.
+and so that the Wgrad GEMM can be deferred into a `WeightGradStore` owned by a pipeline instance
+(zero-bubble "W" of ZB1P and DualPipe, paper 3.2.1). A module whose `wgrad_store` is None computes its weight
+gradient immediately.
+
+FP8 (paper 3.3). A module whose `fp8` is an `FP8Spec` (set from outside by `fp8.recipe.apply_recipe`) runs the
+three GEMMs with E4M3 operands and fine-grained scales (fp8/quant.py) through the spec's GEMM backend
+(fp8/gemm.py):
+
+    Fprop  x 1x128 tiles  x  W 128x128 blocks                    -> the input's dtype
+    Dgrad  dy 1x128 tiles x  W's 128x128 blocks, transposed      -> the input's dtype
+    Wgrad  dy 128x1 groups x x 128x1 groups (over tokens)        -> fp32, added into the fp32 main gradient
+
+The input is kept for the backward only in FP8 (its 1x128 quantisation, 1 byte per element plus a scale per 128)
+and re-quantised to 128x1 groups there; the FP8 weight is kept as it was used. For routed experts the 128x1
+groups of Wgrad are taken within each expert's rows (a segment's tail padded with zeros), so no group mixes two
+experts' tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +61,80 @@ class WeightGradStore:
 
 
 def accumulate_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
-    """Add a deferred weight gradient into `param.grad`, as autograd would have."""
-    if param.grad is None:
-        param.grad = grad
+    """Add a weight gradient computed outside autograd's own accumulation (deferred, or FP8) where autograd would
+    have put it: the parameter's fp32 `main_grad` when it has one (trainer.optim.attach_main_grads, whose hook
+    autograd would have run), else `param.grad`."""
+    if hasattr(param, "main_grad"):
+        if param.main_grad is None:
+            param.main_grad = grad.float()
+        else:
+            param.main_grad.add_(grad)
+    elif param.grad is None:
+        param.grad = grad.to(param.dtype)
     else:
         param.grad += grad
+
+
+@dataclass(frozen=True)
+class FP8Spec:
+    """How a Linear runs in FP8: `gemm(a_q, a_scale, b_q, b_scale, out_dtype) -> a @ b.T` (a backend of
+    fp8/gemm.py) and power-of-two scales or not."""
+
+    gemm: Callable[..., torch.Tensor]
+    pow2: bool = True
+
+
+def _wgrad(spec: FP8Spec, dy: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    """dW = dy.T @ x in fp32 from dy [M, N] and the FP8 cache of x [M, K] (1x128), both as 128x1 groups."""
+    from fp8.quant import dequantize, quantize_128x1
+
+    if dy.shape[0] == 0:
+        return torch.zeros(dy.shape[1], x_q.shape[1], dtype=torch.float32, device=dy.device)
+    xg_q, xg_s = quantize_128x1(dequantize(x_q, x_scale, (1, 128)), spec.pow2)
+    dg_q, dg_s = quantize_128x1(dy, spec.pow2)
+    # as a @ b.T with K = tokens: the transposed 128x1 groups are 1x128 tiles of dy.T and x.T
+    return spec.gemm(dg_q.t().contiguous(), dg_s.t().contiguous(), xg_q.t().contiguous(), xg_s.t().contiguous(),
+                     torch.float32)
+
+
+def _deposit(module: nn.Module, wgrad: Callable[[], torch.Tensor]):
+    """An FP8 weight gradient: queued in the module's store (deferred W) or accumulated now; returns None for
+    autograd (the gradient does not pass through autograd's bf16 `.grad`)."""
+    weight = module.weight
+    if module.wgrad_store is None:
+        accumulate_grad(weight, wgrad())
+    else:
+        module.wgrad_store.put(lambda: accumulate_grad(weight, wgrad()))
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, module: Linear) -> torch.Tensor:
+        from fp8.quant import quantize_1x128, quantize_128x128
+
+        spec: FP8Spec = module.fp8
+        x2 = x.reshape(-1, x.shape[-1])
+        x_q, x_s = quantize_1x128(x2, spec.pow2)
+        w_q, w_s = quantize_128x128(weight.detach(), spec.pow2)
+        ctx.save_for_backward(x_q, x_s, w_q, w_s)
+        ctx.module, ctx.dtype, ctx.shape = module, x.dtype, x.shape
+        return spec.gemm(x_q, x_s, w_q, w_s, x.dtype).view(*x.shape[:-1], weight.shape[0])  # Fprop
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from fp8.quant import quantize_1x128
+
+        x_q, x_s, w_q, w_s = ctx.saved_tensors
+        module: Linear = ctx.module
+        spec: FP8Spec = module.fp8
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = None
+        if ctx.needs_input_grad[0]:  # Dgrad: dy @ W, W's blocks transposed
+            d_q, d_s = quantize_1x128(dy2, spec.pow2)
+            dx = spec.gemm(d_q, d_s, w_q.t().contiguous(), w_s.t().contiguous(), ctx.dtype).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            _deposit(module, lambda: _wgrad(spec, dy2, x_q, x_s))
+        return dx, None, None
 
 
 class _LinearFn(torch.autograd.Function):
@@ -89,9 +172,12 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.wgrad_store: WeightGradStore | None = None
+        self.fp8: FP8Spec | None = None  # set by fp8.recipe.apply_recipe
         nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is not None:
+            return _FP8LinearFn.apply(x, self.weight, self)
         return _LinearFn.apply(x, self.weight, self)
 
     def extra_repr(self) -> str:
@@ -160,6 +246,50 @@ class _GroupedLinearFn(torch.autograd.Function):
         return dx, None, None, None
 
 
+class _FP8GroupedLinearFn(torch.autograd.Function):
+    """Per expert: its rows (a contiguous segment) times its FP8 weight; rows are quantised 1x128 once (a row's
+    tiles never mix experts), each expert's weight in its own 128x128 blocks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, module: GroupedLinear):
+        from fp8.quant import quantize_1x128, quantize_128x128
+
+        spec: FP8Spec = module.fp8
+        x_q, x_s = quantize_1x128(x, spec.pow2)
+        sizes = counts.tolist()
+        w = [quantize_128x128(weight[e].detach(), spec.pow2) for e in range(weight.shape[0])]
+        out, start = [], 0
+        for e, n in enumerate(sizes):
+            out.append(spec.gemm(x_q[start:start + n], x_s[start:start + n], *w[e], x.dtype))  # Fprop
+            start += n
+        ctx.save_for_backward(x_q, x_s)
+        ctx.w, ctx.sizes, ctx.module, ctx.dtype = w, sizes, module, x.dtype
+        return torch.cat(out) if out else x.new_empty(0, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from fp8.quant import quantize_1x128
+
+        x_q, x_s = ctx.saved_tensors
+        module: GroupedLinear = ctx.module
+        spec: FP8Spec = module.fp8
+        dy = dy.contiguous()
+        bounds = [0]
+        for n in ctx.sizes:
+            bounds.append(bounds[-1] + n)
+        dx = None
+        if ctx.needs_input_grad[0]:  # Dgrad per expert
+            d_q, d_s = quantize_1x128(dy, spec.pow2)
+            dx = torch.cat([spec.gemm(d_q[a:b], d_s[a:b], w_q.t().contiguous(), w_s.t().contiguous(), ctx.dtype)
+                            for (a, b), (w_q, w_s) in zip(zip(bounds, bounds[1:]), ctx.w)])
+        if ctx.needs_input_grad[1]:
+            def wgrad() -> torch.Tensor:  # per expert, 128x1 groups inside its own rows
+                return torch.stack([_wgrad(spec, dy[a:b], x_q[a:b], x_s[a:b]) for a, b in zip(bounds, bounds[1:])])
+
+            _deposit(module, wgrad)
+        return dx, None, None, None
+
+
 class GroupedLinear(nn.Module):
     """E independent Linears (weight [E, out, in]) applied to rows grouped by expert."""
 
@@ -172,10 +302,13 @@ class GroupedLinear(nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(n_groups, out_features, in_features, dtype=dtype))
         self.wgrad_store: WeightGradStore | None = None
+        self.fp8: FP8Spec | None = None  # set by fp8.recipe.apply_recipe
         nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, in] sorted by group, counts [E] (sum M) -> [M, out]."""
+        if self.fp8 is not None:
+            return _FP8GroupedLinearFn.apply(x, self.weight, counts, self)
         return _GroupedLinearFn.apply(x, self.weight, counts, self)
 
     def extra_repr(self) -> str:

@@ -22,9 +22,9 @@ Semantics (DeepEP's normal mode, on `torch.distributed.all_to_all_single`):
   summation order. Node = EP-group rank // gpus_per_node. With one node or one rank per node the flat
   exchange already crosses each node boundary once per (token, node), and hierarchical mode runs it.
 
-The dispatch-direction payload (forward dispatch and combine backward) goes through the overridable
-`pack(rows) -> list[Tensor]` / `unpack(tensors) -> rows` hook, so that FP8 rows (uint8 view + scales) can
-travel; relays forward packed rows without unpacking. The combine direction sends plain tensors.
+The dispatch-direction payload (forward dispatch and combine backward) goes through `pack(rows) -> list[Tensor]`
+/ `unpack(tensors) -> rows`, which use the `payload` hook when one is set (fp8/recipe.py's FP8Payload: uint8 view
++ scales); relays forward packed rows without unpacking. The combine direction sends plain tensors.
 `dispatch_async` / `combine_async` return a `CommHandle` whose `wait()` finishes the exchange: the caller
 can compute while the payload is in flight (gloo runs it on its own threads). The count and metadata
 exchanges of a dispatch are synchronous and small. With a simulated `fabric` (parallel/fabric.py) every payload
@@ -160,15 +160,16 @@ class ExpertParallelDispatcher:
         # called right after a backward exchange is launched and before it is waited for: a pipeline's overlapped
         # chunk runs another micro-batch's forward there (parallel/pipeline/overlap.py)
         self.during_exchange: Callable[[], None] | None = None
+        self.payload = None  # pack/unpack of the dispatch-direction rows (None: as they are); fp8/recipe.py
 
     # ---- payload hook -------------------------------------------------------------------------------------
     def pack(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Rows [N, dim] -> tensors that travel; each must have the rows as dim 0 (relays select rows)."""
-        return [rows]
+        return [rows] if self.payload is None else self.payload.pack(rows)
 
     def unpack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Inverse of `pack` on the received rows."""
-        return tensors[0]
+        """Inverse of `pack` on the received rows (the caller casts to its dtype)."""
+        return tensors[0] if self.payload is None else self.payload.unpack(tensors)
 
     # ---- public interface ---------------------------------------------------------------------------------
     def dispatch(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
@@ -192,7 +193,7 @@ class ExpertParallelDispatcher:
         self._stats["cross_node_bytes"] += cross_rows * row_bytes
 
         def finish(tensors: list[torch.Tensor]):
-            rows = self.unpack(tensors)
+            rows = self.unpack(tensors).to(h.dtype)
             rows, row_weights = _Dispatch.apply(h, weights, (self, layout, rows, layout.row_weights.clone()))
             return rows, layout.local_ids, row_weights, layout
 

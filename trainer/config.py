@@ -101,6 +101,9 @@ class RunConfig:
         for group in (self.model, self.fp8, self.data, self.optim, self.trainer, self.logging, self.experiment):
             group.validate()
         self.parallel.validate(world_size)
+        if self.fp8.enabled and self.fp8.moment_dtype is not None:  # the paper's optimizer storage under FP8
+            self.optim.moment_dtype = self.fp8.moment_dtype
+            self.optim.validate()
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; shorten the sequences or raise max_seq_len")

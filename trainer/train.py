@@ -31,6 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from data.dataset import DataPipeline, build_data, check_vocab
+from fp8.recipe import apply_recipe
 from model import ConfigError, Transformer
 from model.moe import Gate, MoE
 from parallel.config import check_model_layout
@@ -91,6 +92,7 @@ def build(cfg: RunConfig, rt: Runtime, device: torch.device) -> tuple[Transforme
     check_vocab(data.vocab_size, cfg.model.vocab_size)
     model = Transformer(cfg.model)
     rt.parallelize(model)
+    apply_recipe(model, cfg.fp8)
     model.to(device)
     cast_for_compute(model, DTYPES[cfg.trainer.dtype])
     if rt.pipeline is not None:

@@ -32,6 +32,7 @@ from model.block import run_steps
 from model.config import ConfigError
 from model.transformer import LossOutput, Transformer, document_mask
 from parallel.pipeline.action import num_stages, phases, stage_of
+from trainer.optim import grad_of
 
 
 def split_layers(n_layers: int, n_stages: int, stage_layers: list[int] | None = None) -> list[range]:
@@ -159,16 +160,17 @@ def sync_replicated_grads(model: nn.Module, groups: dict[tuple[int, ...], dist.P
                           holder_of: dict[str, list[int]]) -> None:
     """Sum the gradients of parameters held by several pipeline ranks over those ranks. `groups` maps each rank
     set (pipeline ranks, sorted) to its process group; every rank in a set calls this with the same model parts,
-    and the parameters are reduced in name order, one flat buffer per rank set."""
-    by_set: dict[tuple[int, ...], list[nn.Parameter]] = {}
+    and the parameters are reduced in name order, one flat buffer per rank set. A low-precision parameter's
+    gradient is its fp32 `main_grad` (trainer.optim.grad_of)."""
+    by_set: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for name, p in sorted(model.named_parameters()):
         ranks = tuple(holder_of[part_of(name)])
-        if len(ranks) > 1 and p.grad is not None:
-            by_set.setdefault(ranks, []).append(p)
-    for ranks, params in sorted(by_set.items()):
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if len(ranks) > 1 and grad_of(p) is not None:
+            by_set.setdefault(ranks, []).append(grad_of(p))
+    for ranks, grads in sorted(by_set.items()):
+        flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=groups[ranks])
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

@@ -168,8 +168,8 @@ def test_dispatcher_matches_single_process_moe() -> None:
     run_distributed(_reference_spawn, 4)
 
 
-class TwoTensorDispatcher(ExpertParallelDispatcher):
-    """Lossless two-tensor payload: the bf16 rounding as a uint8 view plus the fp32 remainder."""
+class TwoTensorPayload:
+    """Lossless two-tensor payload hook: the bf16 rounding as a uint8 view plus the fp32 remainder."""
 
     packs = 0
 
@@ -213,9 +213,10 @@ def _features_spawn(rank: int, world: int) -> None:
         assert torch.equal(hx.grad, sync["h_grad"]) and torch.equal(wx.grad, sync["w_grad"]), f"{tag}: async grads"
 
         # two-tensor payload hook: lossless, so identical to the identity hook, forward and backward
-        two = TwoTensorDispatcher(None, E, gpn, hierarchical)
+        two = ExpertParallelDispatcher(None, E, gpn, hierarchical)
+        two.payload = TwoTensorPayload()
         res = _run_ep(two, h, idx, w, g, ref[3])
-        assert two.packs == 2, f"{tag}: pack runs in dispatch and in combine backward"
+        assert two.payload.packs == 2, f"{tag}: pack runs in dispatch and in combine backward"
         for key in ("out", "h_grad", "w_grad", "rows", "rw"):
             assert torch.equal(res[key], sync[key]), f"{tag}: two-tensor hook {key}"
         for name, grad in res["expert_grads"].items():
