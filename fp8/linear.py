@@ -84,13 +84,14 @@ class FP8Spec:
     pow2: bool = True
 
 
-def _wgrad(spec: FP8Spec, dy: torch.Tensor, x_q: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
-    """dW = dy.T @ x in fp32 from dy [M, N] and the FP8 cache of x [M, K] (1x128), both as 128x1 groups."""
-    from fp8.quant import dequantize, quantize_128x1
+def _wgrad(spec: FP8Spec, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW = dy.T @ x in fp32 from dy [M, N] and x [M, K] (the dequantised FP8 cache, or a recomputed input), both
+    quantised in 128x1 groups."""
+    from fp8.quant import quantize_128x1
 
     if dy.shape[0] == 0:
-        return torch.zeros(dy.shape[1], x_q.shape[1], dtype=torch.float32, device=dy.device)
-    xg_q, xg_s = quantize_128x1(dequantize(x_q, x_scale, (1, 128)), spec.pow2)
+        return torch.zeros(dy.shape[1], x.shape[1], dtype=torch.float32, device=dy.device)
+    xg_q, xg_s = quantize_128x1(x, spec.pow2)
     dg_q, dg_s = quantize_128x1(dy, spec.pow2)
     # as a @ b.T with K = tokens: the transposed 128x1 groups are 1x128 tiles of dy.T and x.T
     return spec.gemm(dg_q.t().contiguous(), dg_s.t().contiguous(), xg_q.t().contiguous(), xg_s.t().contiguous(),
@@ -122,7 +123,7 @@ class _FP8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        from fp8.quant import quantize_1x128
+        from fp8.quant import dequantize, quantize_1x128
 
         x_q, x_s, w_q, w_s = ctx.saved_tensors
         module: Linear = ctx.module
@@ -133,7 +134,7 @@ class _FP8LinearFn(torch.autograd.Function):
             d_q, d_s = quantize_1x128(dy2, spec.pow2)
             dx = spec.gemm(d_q, d_s, w_q.t().contiguous(), w_s.t().contiguous(), ctx.dtype).view(ctx.shape)
         if ctx.needs_input_grad[1]:
-            _deposit(module, lambda: _wgrad(spec, dy2, x_q, x_s))
+            _deposit(module, lambda: _wgrad(spec, dy2, dequantize(x_q, x_s, (1, 128))))
         return dx, None, None
 
 
@@ -246,48 +247,119 @@ class _GroupedLinearFn(torch.autograd.Function):
         return dx, None, None, None
 
 
+def _bounds(counts: torch.Tensor) -> list[tuple[int, int]]:
+    """Each group's [start, end) rows from the per-group row counts."""
+    ends = torch.cumsum(counts, 0).tolist()
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def _grouped_fp8(spec: FP8Spec, q: torch.Tensor, s: torch.Tensor, weights: list, bounds: list, dtype: torch.dtype,
+                 transposed: bool = False) -> torch.Tensor:
+    """Rows (FP8 1x128 tiles) of group e times group e's FP8 weight (or its transpose, for Dgrad); [M, out]."""
+    out = [spec.gemm(q[a:b], s[a:b], *((w_q.t().contiguous(), w_s.t().contiguous()) if transposed else (w_q, w_s)),
+                     dtype) for (a, b), (w_q, w_s) in zip(bounds, weights)]
+    return torch.cat(out)
+
+
+def _grouped_wgrad(spec: FP8Spec, dy: torch.Tensor, x: torch.Tensor, bounds: list) -> torch.Tensor:
+    """[E, out, in] fp32: per group, 128x1 groups inside its own rows (a segment's tail padded with zeros)."""
+    return torch.stack([_wgrad(spec, dy[a:b], x[a:b]) for a, b in bounds])
+
+
+def _fp8_weights(spec: FP8Spec, weight: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from fp8.quant import quantize_128x128
+
+    return [quantize_128x128(weight[e].detach(), spec.pow2) for e in range(weight.shape[0])]
+
+
 class _FP8GroupedLinearFn(torch.autograd.Function):
     """Per expert: its rows (a contiguous segment) times its FP8 weight; rows are quantised 1x128 once (a row's
     tiles never mix experts), each expert's weight in its own 128x128 blocks."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, module: GroupedLinear):
-        from fp8.quant import quantize_1x128, quantize_128x128
+        from fp8.quant import quantize_1x128
 
         spec: FP8Spec = module.fp8
         x_q, x_s = quantize_1x128(x, spec.pow2)
-        sizes = counts.tolist()
-        w = [quantize_128x128(weight[e].detach(), spec.pow2) for e in range(weight.shape[0])]
-        out, start = [], 0
-        for e, n in enumerate(sizes):
-            out.append(spec.gemm(x_q[start:start + n], x_s[start:start + n], *w[e], x.dtype))  # Fprop
-            start += n
+        w, bounds = _fp8_weights(spec, weight), _bounds(counts)
         ctx.save_for_backward(x_q, x_s)
-        ctx.w, ctx.sizes, ctx.module, ctx.dtype = w, sizes, module, x.dtype
-        return torch.cat(out) if out else x.new_empty(0, weight.shape[1])
+        ctx.w, ctx.bounds, ctx.module, ctx.dtype = w, bounds, module, x.dtype
+        return _grouped_fp8(spec, x_q, x_s, w, bounds, x.dtype)  # Fprop
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        from fp8.quant import quantize_1x128
+        from fp8.quant import dequantize, quantize_1x128
 
         x_q, x_s = ctx.saved_tensors
         module: GroupedLinear = ctx.module
         spec: FP8Spec = module.fp8
         dy = dy.contiguous()
-        bounds = [0]
-        for n in ctx.sizes:
-            bounds.append(bounds[-1] + n)
         dx = None
         if ctx.needs_input_grad[0]:  # Dgrad per expert
             d_q, d_s = quantize_1x128(dy, spec.pow2)
-            dx = torch.cat([spec.gemm(d_q[a:b], d_s[a:b], w_q.t().contiguous(), w_s.t().contiguous(), ctx.dtype)
-                            for (a, b), (w_q, w_s) in zip(zip(bounds, bounds[1:]), ctx.w)])
+            dx = _grouped_fp8(spec, d_q, d_s, ctx.w, ctx.bounds, ctx.dtype, transposed=True)
         if ctx.needs_input_grad[1]:
-            def wgrad() -> torch.Tensor:  # per expert, 128x1 groups inside its own rows
-                return torch.stack([_wgrad(spec, dy[a:b], x_q[a:b], x_s[a:b]) for a, b in zip(bounds, bounds[1:])])
-
-            _deposit(module, wgrad)
+            _deposit(module, lambda: _grouped_wgrad(spec, dy, dequantize(x_q, x_s, (1, 128)), ctx.bounds))
         return dx, None, None, None
+
+
+class _FP8SwiGLUExpertsFn(torch.autograd.Function):
+    """y = w2(silu(w1 x) * w3 x) per expert, in FP8, keeping for backward only the FP8 input x and the FP8 SwiGLU
+    input (w1 x, w3 x); the SwiGLU output, which w2's Wgrad needs, is recomputed from them (paper 3.3)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                modules: tuple) -> torch.Tensor:
+        from fp8.quant import quantize_1x128
+
+        spec: FP8Spec = modules[0].fp8
+        bounds = _bounds(counts)
+        ws = [_fp8_weights(spec, w) for w in (w1, w3, w2)]
+        x_q, x_s = quantize_1x128(x, spec.pow2)
+        a = _grouped_fp8(spec, x_q, x_s, ws[0], bounds, x.dtype)
+        b = _grouped_fp8(spec, x_q, x_s, ws[1], bounds, x.dtype)
+        ab_q, ab_s = quantize_1x128(torch.cat([a, b], dim=-1), spec.pow2)  # the FP8 cache of the SwiGLU input
+        h_q, h_s = quantize_1x128(F.silu(a) * b, spec.pow2)
+        ctx.save_for_backward(x_q, x_s, ab_q, ab_s)
+        ctx.ws, ctx.bounds, ctx.modules, ctx.dtype, ctx.inter = ws, bounds, modules, x.dtype, a.shape[-1]
+        return _grouped_fp8(spec, h_q, h_s, ws[2], bounds, x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from fp8.quant import dequantize, quantize_1x128
+
+        x_q, x_s, ab_q, ab_s = ctx.saved_tensors
+        m1, m3, m2 = ctx.modules
+        spec: FP8Spec = m1.fp8
+        bounds, (w1, w3, w2), dtype = ctx.bounds, ctx.ws, ctx.dtype
+        a, b = dequantize(ab_q, ab_s, (1, 128)).to(dtype).split(ctx.inter, dim=-1)
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        h = silu * b  # recomputed SwiGLU output
+        dy = dy.contiguous()
+        d_q, d_s = quantize_1x128(dy, spec.pow2)
+        dh = _grouped_fp8(spec, d_q, d_s, w2, bounds, dtype, transposed=True)
+        da = dh * b * sig * (1 + a * (1 - sig))  # d silu(a) / da = sig (1 + a (1 - sig))
+        db = dh * silu
+        da_q, da_s = quantize_1x128(da, spec.pow2)
+        db_q, db_s = quantize_1x128(db, spec.pow2)
+        dx = (_grouped_fp8(spec, da_q, da_s, w1, bounds, dtype, transposed=True)
+              + _grouped_fp8(spec, db_q, db_s, w3, bounds, dtype, transposed=True))
+        x = dequantize(x_q, x_s, (1, 128))
+        _deposit(m2, lambda: _grouped_wgrad(spec, dy, h, bounds))
+        _deposit(m1, lambda: _grouped_wgrad(spec, da, x, bounds))
+        _deposit(m3, lambda: _grouped_wgrad(spec, db, x, bounds))
+        return dx, None, None, None, None, None
+
+
+def swiglu_experts(w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, x: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) over rows sorted by expert (counts [E]); in FP8 when the recipe set `w1.fp8`, with
+    the SwiGLU input cached in FP8 and its output recomputed in backward."""
+    if w1.fp8 is not None:
+        return _FP8SwiGLUExpertsFn.apply(x, w1.weight, w3.weight, w2.weight, counts, (w1, w3, w2))
+    return w2(F.silu(w1(x, counts)) * w3(x, counts), counts)
 
 
 class GroupedLinear(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8.linear import GroupedLinear, Linear
+from fp8.linear import GroupedLinear, Linear, swiglu_experts
 from model.config import ModelConfig
 
 
@@ -158,8 +158,7 @@ class RoutedExperts(nn.Module):
         pairs = order[:n_valid]  # (M,) flat (row, slot) indices sorted by expert
         counts = counts[: self.n_experts]
         x = rows.index_select(0, pairs // k)  # (M, dim); backward is an index_add
-        h = F.silu(self.w1(x, counts)) * self.w3(x, counts)  # (M, inter)
-        y = self.w2(h, counts).float() * weights.flatten()[pairs].unsqueeze(-1)  # (M, dim)
+        y = swiglu_experts(self.w1, self.w3, self.w2, x, counts).float() * weights.flatten()[pairs].unsqueeze(-1)
         out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
         return out.index_add_(0, pairs // k, y).to(rows.dtype)
 
