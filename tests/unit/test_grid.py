@@ -100,6 +100,7 @@ def test_rank_outside_the_world():
     (12, dict(ep=3, gpus_per_node=2), "parallel.ep=3 with parallel.gpus_per_node=2: .*fit inside one node"),
     (4, dict(ep=0), "parallel.ep: must be >= 1, got 0"),
     (4, dict(timeout_s=0), "parallel.timeout_s: must be >= 1, got 0"),
+    (2, dict(pp=2, schedule="dualpipe", overlap="yes"), "parallel.overlap='yes': must be true or false"),
 ])
 def test_bad_layouts_stop_with_the_numbers(world, kw, words):
     with pytest.raises(ConfigError, match=words):
