@@ -27,12 +27,14 @@ The dispatch-direction payload (forward dispatch and combine backward) goes thro
 + scales); relays forward packed rows without unpacking. The combine direction sends plain tensors.
 `dispatch_async` / `combine_async` return a `CommHandle` whose `wait()` finishes the exchange: the caller
 can compute while the payload is in flight (gloo runs it on its own threads). The count and metadata
-exchanges of a dispatch are synchronous and small. With a simulated `fabric` (parallel/fabric.py) every payload
-exchange, forward and backward, lasts at least its modelled duration on the cluster's links.
+exchanges of a dispatch are synchronous and small. The exchanges of the backward run inside autograd; between
+launching and waiting they call `during_exchange` when it is set, which is where DualPipe's overlapped chunk runs
+another micro-batch's forward (parallel/pipeline/overlap.py). With a simulated `fabric` (parallel/fabric.py) every
+payload exchange, forward and backward, lasts at least its modelled duration on the cluster's links.
 
 `stats()` returns and resets totals since its last call: dispatch calls, rows received, tokens dispatched,
-payload bytes sent to ranks on other nodes (forward dispatches only), for cross-node bytes per token, and the
-time spent waiting for payload exchanges (the all-to-all time not hidden behind compute).
+payload bytes sent to ranks on other nodes (forward dispatches only), for cross-node bytes per token, the
+time spent waiting for payload exchanges (the all-to-all time not hidden behind compute) and their modelled time.
 """
 
 from __future__ import annotations
