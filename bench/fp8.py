@@ -4,7 +4,8 @@ saves.
 1. Loss curves: the tiny preset on the default corpus, one process, the same seed and data, with `fp8=off` and
    `fp8=emulate` (the paper's recipe with the exact reference GEMM of fp8/gemm.py; FP8 dispatch does not apply to
    one process). Both runs use bf16 AdamW moments, so the FP8 GEMMs are the only difference. Reported: the relative
-   gap of the training loss averaged over the last 10% of the steps, (fp8 - off) / off, and a PNG of both curves.
+   gap of the training loss (the objective: next-token + MTP term) averaged over the last 10% of the steps,
+   (fp8 - off) / off, and a PNG of both curves.
 2. Activation memory per layer: the bytes autograd keeps for backward while one MoE block runs forward in bf16
    (`torch.autograd.graph.saved_tensors_hooks`, each storage counted once, the parameters themselves excluded),
    with and without the recipe; the FP8 weight copies a recipe keeps are listed apart.
@@ -83,7 +84,8 @@ def main() -> None:
     off, fp8 = (sum(curves[r][-tail:]) / tail for r in ("off", "emulate"))
     gap = (fp8 - off) / off
     memory = {recipe: _saved_bytes(recipe) for recipe in ("off", "emulate")}
-    print(f"tiny preset, {args.steps} steps, same seed and data; mean training loss over the last {tail} steps")
+    print(f"tiny preset, {args.steps} steps, same seed and data; mean training loss (next-token + MTP objective) "
+          f"over the last {tail} steps")
     print(f"  fp8=off {off:.4f}   fp8=emulate {fp8:.4f}   relative gap {gap:+.3%} (paper: below 0.25%)")
     a, b = memory["off"]["saved_bytes"], memory["emulate"]["saved_bytes"]
     print(f"saved for backward by one MoE block (bf16, 8 x 256 tokens): off {a / 2**20:.2f} MiB, emulate "
