@@ -6,6 +6,7 @@
   that is not available on this machine fails when the model is built, with the reason.
 - pow2_scales: power-of-two scaling factors (exact to apply; the paper's choice for the dispatch payload and the
   E5M6 cache), or plain fp32 scales amax / 448.
+- e5m6_cache: cache the input of the Linear after attention in E5M6 (fp8/e5m6.py) instead of E4M3.
 - dispatch: quantise the MoE dispatch payload (and the matching gradient in the combine's backward) to FP8.
 - moment_dtype: the AdamW moments' storage while FP8 is on (the paper's bf16; it replaces optim.moment_dtype),
   or null to keep optim.moment_dtype.
@@ -27,6 +28,7 @@ class FP8Config:
     backend: str = "auto"  # auto | emulate | torch | te | deepgemm (fp8/gemm.py)
     pow2_scales: bool = True  # power-of-two scales (exact) or fp32 amax / 448
     dispatch: bool = True  # FP8 payload for the MoE dispatch (uint8 + scales); the combine stays in bf16
+    e5m6_cache: bool = True  # the Linear after attention caches its input in E5M6 (paper 3.3)
     moment_dtype: str | None = "bf16"  # AdamW moments while FP8 is on (paper: bf16); null: optim.moment_dtype
 
     def validate(self) -> FP8Config:
@@ -40,7 +42,7 @@ class FP8Config:
         if self.recipe == "hopper" and self.backend == "emulate":
             raise ConfigError("fp8.recipe=hopper with fp8.backend=emulate: use fp8.recipe=emulate for the reference "
                               "GEMM, or a GPU backend (auto, torch, te, deepgemm)")
-        for key in ("pow2_scales", "dispatch"):
+        for key in ("pow2_scales", "dispatch", "e5m6_cache"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"fp8.{key}={getattr(self, key)!r}: must be true or false")
         if self.moment_dtype not in (None, "bf16", "fp32"):

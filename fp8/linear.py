@@ -19,8 +19,9 @@ three GEMMs with E4M3 operands and fine-grained scales (fp8/quant.py) through th
     Dgrad  dy 1x128 tiles x  W's 128x128 blocks, transposed      -> the input's dtype
     Wgrad  dy 128x1 groups x x 128x1 groups (over tokens)        -> fp32, added into the fp32 main gradient
 
-The input is kept for the backward only in FP8 (its 1x128 quantisation, 1 byte per element plus a scale per 128)
-and re-quantised to 128x1 groups there; the FP8 weight is kept as it was used. For routed experts the 128x1
+The input is kept for the backward only in FP8 (its 1x128 quantisation, 1 byte per element plus a scale per 128;
+or, where the spec asks, E5M6 with power-of-two scales, 1.5 bytes per element) and re-quantised to 128x1 groups
+there; the FP8 weight is kept as it was used. For routed experts the 128x1
 groups of Wgrad are taken within each expert's rows (a segment's tail padded with zeros), so no group mixes two
 experts' tokens.
 """
@@ -78,10 +79,12 @@ def accumulate_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
 @dataclass(frozen=True)
 class FP8Spec:
     """How a Linear runs in FP8: `gemm(a_q, a_scale, b_q, b_scale, out_dtype) -> a @ b.T` (a backend of
-    fp8/gemm.py) and power-of-two scales or not."""
+    fp8/gemm.py), power-of-two scales or not, and whether the input is cached for backward in E5M6 (fp8/e5m6.py,
+    the paper's choice for the Linear after attention) instead of E4M3."""
 
     gemm: Callable[..., torch.Tensor]
     pow2: bool = True
+    e5m6_cache: bool = False
 
 
 def _wgrad(spec: FP8Spec, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +120,12 @@ class _FP8LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         x_q, x_s = quantize_1x128(x2, spec.pow2)
         w_q, w_s = quantize_128x128(weight.detach(), spec.pow2)
-        ctx.save_for_backward(x_q, x_s, w_q, w_s)
+        if spec.e5m6_cache:  # keep a finer copy of the input for Wgrad instead of the E4M3 operand
+            from fp8.e5m6 import quantize_e5m6_1x128
+
+            ctx.save_for_backward(*quantize_e5m6_1x128(x2, pow2=True), w_q, w_s)
+        else:
+            ctx.save_for_backward(x_q, x_s, w_q, w_s)
         ctx.module, ctx.dtype, ctx.shape = module, x.dtype, x.shape
         return spec.gemm(x_q, x_s, w_q, w_s, x.dtype).view(*x.shape[:-1], weight.shape[0])  # Fprop
 
@@ -134,7 +142,13 @@ class _FP8LinearFn(torch.autograd.Function):
             d_q, d_s = quantize_1x128(dy2, spec.pow2)
             dx = spec.gemm(d_q, d_s, w_q.t().contiguous(), w_s.t().contiguous(), ctx.dtype).view(ctx.shape)
         if ctx.needs_input_grad[1]:
-            _deposit(module, lambda: _wgrad(spec, dy2, dequantize(x_q, x_s, (1, 128))))
+            if spec.e5m6_cache:
+                from fp8.e5m6 import dequantize_e5m6_1x128
+
+                x = dequantize_e5m6_1x128(x_q, x_s, ctx.shape[-1])
+            else:
+                x = dequantize(x_q, x_s, (1, 128))
+            _deposit(module, lambda: _wgrad(spec, dy2, x))
         return dx, None, None
 
 

@@ -5,6 +5,9 @@ experts, in the main blocks and in the MTP modules' blocks. Kept in bf16/fp32, a
 output head, the router (fp32), the norms, the attention core (softmax), the MTP projection `eh_proj`, and the
 optimizer's master weights, gradients and (bf16) moments.
 
+With `fp8.e5m6_cache` the Linear after attention (`attn.wo`) keeps its input for backward in E5M6 with power-of-two
+scales (fp8/e5m6.py) rather than E4M3, as the paper does for this precision-sensitive activation.
+
 With `fp8.dispatch` the expert-parallel dispatch sends each row as E4M3 bytes with power-of-two 1x128 scales
 (`FP8Payload`), and so does the matching gradient exchange in the combine's backward (the activation gradient
 before the down-projection); the combine itself stays in the compute dtype.
@@ -59,9 +62,11 @@ def apply_recipe(model: nn.Module, cfg: FP8Config) -> int:
     from fp8.gemm import get_backend
 
     spec = FP8Spec(get_backend(cfg.gemm_backend()), cfg.pow2_scales)
+    after_attention = {id(m.attn.wo) for m in model.modules() if isinstance(m, Block)}
     modules = fp8_modules(model)
     for m in modules:
-        m.fp8 = spec
+        m.fp8 = FP8Spec(spec.gemm, spec.pow2, e5m6_cache=True) if cfg.e5m6_cache and id(m) in after_attention \
+            else spec
     if cfg.dispatch:
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
             if hasattr(moe.dispatcher, "payload"):  # the expert-parallel dispatcher (parallel/expert.py)

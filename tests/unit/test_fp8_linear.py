@@ -227,3 +227,27 @@ def test_fp8_swiglu_experts_match_float64_and_keep_only_fp8_caches():
     assert max(diffs) < 5e-3, diffs
     for mod in mods:
         assert not mod.weight.grad[1].any()
+
+
+def test_e5m6_input_cache_for_the_linear_after_attention():
+    """The recipe gives attn.wo an E5M6 cache of its input (1.5 bytes per element, power-of-two scales); its weight
+    gradient stays within the FP8 bound of float64, at least as close as with the E4M3 cache, and the output and
+    input gradient are those of the E4M3-cached Linear (the cache only feeds Wgrad)."""
+    model = Transformer(small_config())
+    apply_recipe(model, FP8Config(recipe="emulate"))
+    assert model.layers["0"].attn.wo.fp8.e5m6_cache and not model.layers["0"].attn.wkv_b.fp8.e5m6_cache
+    plain = Transformer(small_config())
+    apply_recipe(plain, FP8Config(recipe="emulate", e5m6_cache=False))
+    assert not plain.layers["0"].attn.wo.fp8.e5m6_cache
+    results = {}
+    for e5m6 in (False, True):
+        lin, x, dy, y64, dx64, dw64 = _linear_case(m=256, k=256, n=128)
+        lin.fp8 = FP8Spec(SPEC.gemm, True, e5m6_cache=e5m6)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = lin(x)
+        y.backward(dy.float())
+        assert (torch.uint8 in {t.dtype for t in saved}) == e5m6
+        results[e5m6] = (y.detach(), x.grad, calc_diff(lin.weight.grad, dw64))
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+    assert results[True][2] < 1e-3 and results[True][2] <= results[False][2] * 1.05
