@@ -319,31 +319,37 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
 
 
 class _FP8SwiGLUExpertsFn(torch.autograd.Function):
-    """y = w2(silu(w1 x) * w3 x) per expert, in FP8, keeping for backward only the FP8 input x and the FP8 SwiGLU
-    input (w1 x, w3 x); the SwiGLU output, which w2's Wgrad needs, is recomputed from them (paper 3.3)."""
+    """y = w2(silu(w1 x) * w3 x) per expert for x = rows[index], in FP8, keeping for backward only the FP8 input x
+    and the FP8 SwiGLU input (w1 x, w3 x); the SwiGLU output, which w2's Wgrad needs, is recomputed from them (paper
+    3.3). Rows that arrive with their E4M3 form (`fp8_rows`, from the FP8 dispatch) are used as they are."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
-                modules: tuple) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                counts: torch.Tensor, modules: tuple, fp8_rows: tuple | None) -> torch.Tensor:
         from fp8.quant import quantize_1x128
 
         spec: FP8Spec = modules[0].fp8
         bounds = _bounds(counts)
         ws = [_fp8_weights(spec, w) for w in (w1, w3, w2)]
-        x_q, x_s = quantize_1x128(x, spec.pow2)
+        if fp8_rows is not None:  # the dispatched E4M3 rows: no second quantisation
+            x_q, x_s = (t.index_select(0, index) for t in fp8_rows)
+        else:
+            x_q, x_s = quantize_1x128(rows.index_select(0, index), spec.pow2)
+        x = rows  # for dtype and device below
         a = _grouped_fp8(spec, x_q, x_s, ws[0], bounds, x.dtype)
         b = _grouped_fp8(spec, x_q, x_s, ws[1], bounds, x.dtype)
         ab_q, ab_s = quantize_1x128(torch.cat([a, b], dim=-1), spec.pow2)  # the FP8 cache of the SwiGLU input
         h_q, h_s = quantize_1x128(F.silu(a) * b, spec.pow2)
-        ctx.save_for_backward(x_q, x_s, ab_q, ab_s)
+        ctx.save_for_backward(x_q, x_s, ab_q, ab_s, index)
         ctx.ws, ctx.bounds, ctx.modules, ctx.dtype, ctx.inter = ws, bounds, modules, x.dtype, a.shape[-1]
+        ctx.n_rows = rows.shape[0]
         return _grouped_fp8(spec, h_q, h_s, ws[2], bounds, x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         from fp8.quant import dequantize, quantize_1x128
 
-        x_q, x_s, ab_q, ab_s = ctx.saved_tensors
+        x_q, x_s, ab_q, ab_s, index = ctx.saved_tensors
         m1, m3, m2 = ctx.modules
         spec: FP8Spec = m1.fp8
         bounds, (w1, w3, w2), dtype = ctx.bounds, ctx.ws, ctx.dtype
@@ -364,15 +370,20 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
         _deposit(m2, lambda: _grouped_wgrad(spec, dy, h, bounds))
         _deposit(m1, lambda: _grouped_wgrad(spec, da, x, bounds))
         _deposit(m3, lambda: _grouped_wgrad(spec, db, x, bounds))
-        return dx, None, None, None, None, None
+        d_rows = torch.zeros(ctx.n_rows, dx.shape[1], dtype=dx.dtype, device=dx.device).index_add_(0, index, dx)
+        return d_rows, None, None, None, None, None, None, None
 
 
-def swiglu_experts(w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, x: torch.Tensor,
+def swiglu_experts(w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, rows: torch.Tensor, index: torch.Tensor,
                    counts: torch.Tensor) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) over rows sorted by expert (counts [E]); in FP8 when the recipe set `w1.fp8`, with
-    the SwiGLU input cached in FP8 and its output recomputed in backward."""
+    """w2(silu(w1 x) * w3 x) for x = rows[index], sorted by expert (counts [E] rows each); in FP8 when the recipe
+    set `w1.fp8`, with the SwiGLU input cached in FP8 and its output recomputed in backward. Rows carrying an `fp8`
+    attribute (their exact E4M3 1x128 form, attached by the FP8 dispatch payload) feed the up-projection as they
+    are, without being quantised again."""
     if w1.fp8 is not None:
-        return _FP8SwiGLUExpertsFn.apply(x, w1.weight, w3.weight, w2.weight, counts, (w1, w3, w2))
+        return _FP8SwiGLUExpertsFn.apply(rows, index, w1.weight, w3.weight, w2.weight, counts, (w1, w3, w2),
+                                         getattr(rows, "fp8", None))
+    x = rows.index_select(0, index)  # backward: an index_add
     return w2(F.silu(w1(x, counts)) * w3(x, counts), counts)
 
 

@@ -9,7 +9,8 @@ With `fp8.e5m6_cache` the Linear after attention (`attn.wo`) keeps its input for
 scales (fp8/e5m6.py) rather than E4M3, as the paper does for this precision-sensitive activation.
 
 With `fp8.dispatch` the expert-parallel dispatch sends each row as E4M3 bytes with power-of-two 1x128 scales
-(`FP8Payload`), and so does the matching gradient exchange in the combine's backward (the activation gradient
+(`FP8Payload`), which the expert up-projection consumes without quantising again, and so does the matching gradient
+exchange in the combine's backward (the activation gradient
 before the down-projection); the combine itself stays in the compute dtype.
 """
 
@@ -36,10 +37,15 @@ class FP8Payload:
         return [q.view(torch.uint8), scale]
 
     def unpack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The rows dequantised, carrying their E4M3 form as `rows.fp8 = (q, scale)`: the FP8 expert up-projection
+        (fp8/linear.py `swiglu_experts`) takes it as its operand instead of quantising the rows again."""
         from fp8.quant import dequantize
 
         q, scale = tensors
-        return dequantize(q.view(torch.float8_e4m3fn), scale, (1, 128))
+        q = q.view(torch.float8_e4m3fn)
+        rows = dequantize(q, scale, (1, 128))
+        rows.fp8 = (q, scale)
+        return rows
 
 
 def fp8_modules(model: nn.Module) -> list[Linear | GroupedLinear]:

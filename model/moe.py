@@ -157,8 +157,8 @@ class RoutedExperts(nn.Module):
         n_valid = int(counts[: self.n_experts].sum())
         pairs = order[:n_valid]  # (M,) flat (row, slot) indices sorted by expert
         counts = counts[: self.n_experts]
-        x = rows.index_select(0, pairs // k)  # (M, dim); backward is an index_add
-        y = swiglu_experts(self.w1, self.w3, self.w2, x, counts).float() * weights.flatten()[pairs].unsqueeze(-1)
+        y = swiglu_experts(self.w1, self.w3, self.w2, rows, pairs // k, counts)  # (M, dim), rows[pairs // k]
+        y = y.float() * weights.flatten()[pairs].unsqueeze(-1)
         out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
         return out.index_add_(0, pairs // k, y).to(rows.dtype)
 

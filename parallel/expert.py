@@ -195,8 +195,11 @@ class ExpertParallelDispatcher:
         self._stats["cross_node_bytes"] += cross_rows * row_bytes
 
         def finish(tensors: list[torch.Tensor]):
-            rows = self.unpack(tensors).to(h.dtype)
-            rows, row_weights = _Dispatch.apply(h, weights, (self, layout, rows, layout.row_weights.clone()))
+            unpacked = self.unpack(tensors)
+            rows, row_weights = _Dispatch.apply(h, weights, (self, layout, unpacked.to(h.dtype),
+                                                             layout.row_weights.clone()))
+            if hasattr(unpacked, "fp8"):  # the payload's FP8 form of the rows travels on with them (fp8/recipe.py)
+                rows.fp8 = unpacked.fp8
             return rows, layout.local_ids, row_weights, layout
 
         return CommHandle(self._dispatch_flow(layout, packed), finish, self._waited)

@@ -214,10 +214,10 @@ def test_fp8_swiglu_experts_match_float64_and_keep_only_fp8_caches():
     x = x64.detach().float().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = swiglu_experts(mods[0], mods[1], mods[2], x, torch.tensor(counts))
-    assert saved and all(t.dtype in (torch.float8_e4m3fn, torch.float32) and (t.dtype != torch.float32 or
-                                                                              t.shape[-1] <= 2 * inter // 128)
-                         for t in saved)  # FP8 tensors and their per-128 scales only
+        y = swiglu_experts(mods[0], mods[1], mods[2], x, torch.arange(m), torch.tensor(counts))
+    assert saved and all(t.dtype in (torch.float8_e4m3fn, torch.int64)  # FP8, the row index,
+                         or (t.dtype == torch.float32 and t.shape[-1] <= 2 * inter // 128)  # per-128 scales
+                         for t in saved)
     y.backward(dy.float())
     # two FP8 GEMMs in series (each within 1e-3 alone, tests above) and an FP8-cached SwiGLU: the errors add up
     # (about 2.5e-3 here; the same chain of separate FP8 GEMMs with an exact SwiGLU: about 2.2e-3)
@@ -251,3 +251,34 @@ def test_e5m6_input_cache_for_the_linear_after_attention():
         results[e5m6] = (y.detach(), x.grad, calc_diff(lin.weight.grad, dw64))
     assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
     assert results[True][2] < 1e-3 and results[True][2] <= results[False][2] * 1.05
+
+
+def test_dispatched_fp8_rows_feed_the_up_projection_without_requantising():
+    """Rows arriving through the FP8 dispatch carry their E4M3 form; the experts use exactly those bytes (gathered
+    per expert), and the result equals quantising the dequantised rows again, bitwise."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(40, 128, generator=g) * 10 ** (torch.rand(40, 1, generator=g) * 4 - 2)
+    arrived = FP8Payload().unpack(FP8Payload().pack(rows))
+    index = torch.randint(0, 40, (70,), generator=g).sort().values
+    counts = torch.tensor([30, 25, 15])
+    outs = []
+    for carry in (True, False):
+        torch.manual_seed(0)
+        mods = [GroupedLinear(3, 128, 64, "loop"), GroupedLinear(3, 128, 64, "loop"), GroupedLinear(3, 64, 128, "loop")]
+        for mod in mods:
+            mod.fp8 = SPEC
+        x = arrived.clone().requires_grad_()
+        if carry:
+            x.fp8 = arrived.fp8
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = swiglu_experts(*mods, x, index, counts)
+        y.square().sum().backward()
+        if carry:
+            q = arrived.fp8[0].index_select(0, index)
+            assert any(t.dtype == torch.float8_e4m3fn and t.shape == q.shape and torch.equal(t.view(torch.uint8),
+                                                                                             q.view(torch.uint8))
+                       for t in saved)
+        outs.append((y.detach(), x.grad, [m.weight.grad for m in mods]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
