@@ -238,6 +238,8 @@ def attach_main_grads(params: Iterable[nn.Parameter]) -> None:
     `main_grad` through `grad_of`."""
 
     def move(p: nn.Parameter) -> None:
+        if p.grad is None:  # autograd also runs the hook when a deferred W left no gradient (fp8/linear.py)
+            return
         if p.main_grad is None:
             p.main_grad = p.grad.float()
         else:

@@ -107,3 +107,52 @@ def _pipeline_worker(rank: int, world: int, schedule: str) -> None:
 @pytest.mark.parametrize("pp", [2, 4])
 def test_schedule_equals_single_process(schedule, pp):
     run_distributed(_pipeline_worker, pp, schedule)
+
+
+def _bf16_mirror_worker(rank: int, world: int) -> None:
+    """DualPipe in bf16 with fp32 main gradients and deferred W: after the mirror sums both copies of every stage
+    hold the same fp32 gradient (the sums must read `main_grad`, where bf16 parameters keep theirs)."""
+    from model import Transformer
+    from parallel.pipeline.executor import PipelineExecutor, StageRunner
+    from parallel.pipeline.schedule import build_schedule
+    from parallel.pipeline.stage import MicroBatch, holders, keep_stages, rank_stages, stage_forward, \
+        sync_replicated_grads
+    from trainer.optim import attach_main_grads
+
+    pp, n_micro = world, 2 * world
+    cfg = small_config(n_layers=3, first_k_dense=1)
+    batches = _batches(n_micro, cfg.vocab_size)
+    torch.manual_seed(0)
+    specs = rank_stages("dualpipe", pp, rank, cfg.n_layers)
+    model = keep_stages(Transformer(cfg), specs).to(torch.bfloat16)
+    attach_main_grads(model.parameters())
+
+    def forward_fn(spec):
+        def run(x, m):
+            out = stage_forward(model, spec, x, MicroBatch(*batches[m]), 0.3)
+            return out.loss / n_micro if spec.last else out
+        return run
+
+    runners = [StageRunner(spec, forward_fn(spec), _modules_with_store(model)) for spec in specs]
+    executor = PipelineExecutor("dualpipe", pp, rank, list(range(world)), runners, (BATCH, SEQ, cfg.dim),
+                                torch.bfloat16)
+    actions = build_schedule("dualpipe", pp, rank, n_micro)
+    assert any(a.kind == "W" or (a.backward is not None and a.backward.defer_w) or a.defer_w for a in actions)
+    executor.run(actions, n_micro)
+    holder_of = holders("dualpipe", pp, cfg.n_layers, None, mtp=cfg.n_mtp_depth > 0)
+    sets = sorted({tuple(r) for r in holder_of.values() if len(r) > 1})
+    sync_replicated_grads(model, {s: dist.new_group(list(s)) for s in sets}, holder_of)
+    assert all(p.grad is None for p in model.parameters())
+    grads = {n: p.main_grad for n, p in model.named_parameters() if p.main_grad is not None}
+    assert grads and all(g.dtype == torch.float32 for g in grads.values())
+    gathered = [None] * world
+    dist.all_gather_object(gathered, grads)
+    for name, g in grads.items():
+        for other in gathered:
+            if name in other:
+                assert torch.equal(other[name], g), name
+
+
+@pytest.mark.slow
+def test_bf16_dualpipe_copies_get_the_same_fp32_gradients():
+    run_distributed(_bf16_mirror_worker, 2)

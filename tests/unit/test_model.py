@@ -122,6 +122,31 @@ def test_deferred_weight_gradients_equal_immediate():
         assert torch.equal(got[name], ref[name]), name
 
 
+def test_deferred_weight_gradients_of_bf16_weights_land_in_the_fp32_main_grad():
+    """With bf16 weights and fp32 main gradients (trainer.optim.attach_main_grads), a deferred W must end where the
+    immediate one does: in `main_grad`, in fp32, with `.grad` left empty."""
+    from trainer.optim import attach_main_grads
+
+    results = []
+    for defer in (False, True):
+        model = _model(seed=7).to(torch.bfloat16)
+        attach_main_grads(model.parameters())
+        store = WeightGradStore()
+        if defer:
+            for m in model.modules():
+                if isinstance(m, (Linear, GroupedLinear)):
+                    m.wgrad_store = store
+        tokens = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+        model.loss(tokens, tokens.roll(-1, 1), mtp_lambda=0.3).loss.backward()
+        store.flush()
+        assert all(p.grad is None for p in model.parameters())
+        results.append({n: p.main_grad for n, p in model.named_parameters() if p.main_grad is not None})
+    assert results[0].keys() == results[1].keys()
+    for name, g in results[0].items():
+        assert results[1][name].dtype == torch.float32
+        torch.testing.assert_close(results[1][name], g, rtol=1e-2, atol=1e-5, msg=name)
+
+
 def test_causal_future_tokens_do_not_change_the_past():
     model = _model(seed=5)
     a = torch.randint(0, 101, (1, 12))
