@@ -37,6 +37,15 @@ def test_hand_built_codes():
     assert torch.equal(encode(values), expected)
 
 
+def test_hand_built_decodes():
+    codes = torch.tensor([0x3C0, 0x7BF, 0x040, 0x001, 0x03F, 0x3C2, 0xBE0, 0x800, 0x7C0, 0xFC0], dtype=torch.int16)
+    expected = torch.tensor([1.0, E5M6_MAX, 2.0 ** -14, 2.0 ** -20, 63 * 2.0 ** -20, 1 + 2 / 64, -1.5, -0.0,
+                             math.inf, -math.inf])
+    values = decode(codes)
+    assert values.dtype == torch.float32 and torch.equal(values, expected)
+    assert torch.equal(torch.signbit(values), torch.signbit(expected))  # -0 keeps its sign
+
+
 def test_nan_never_vanishes():
     code = encode(torch.tensor([float("nan")]))
     assert (int(code) >> 6) & 0x1F == 31 and int(code) & 0x3F != 0
