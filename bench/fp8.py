@@ -43,14 +43,14 @@ def _train(recipe: str, steps: int, run_dir: Path) -> list[float]:
 def _saved_bytes(recipe: str) -> dict[str, int]:
     """Bytes saved for backward by one forward of a MoE block in bf16: activations, and FP8 weight copies."""
     from fp8.config import FP8Config
-    from fp8.recipe import apply_recipe
+    from fp8.recipe import apply_fp8
     from model import Transformer
     from model.presets import load
 
     torch.manual_seed(0)
     cfg = load("tiny")
     model = Transformer(cfg).to(torch.bfloat16)
-    apply_recipe(model, FP8Config(recipe=recipe))
+    apply_fp8(model, FP8Config(recipe=recipe))
     block = model.layers[str(cfg.first_k_dense)]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, tuple[int, torch.dtype, tuple]] = {}

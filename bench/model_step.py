@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fp8.linear import GroupedLinear, Linear
 from model import ModelConfig, Transformer, presets
 from model.hf import save_hf
+from model.linear import GroupedLinear, Linear
 from model.transformer import IGNORE_INDEX, shift_left
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model_step.json"

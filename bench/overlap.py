@@ -2,7 +2,7 @@
 10% of it left exposed).
 
 Four gloo processes: PP=2 DualPipe x EP=2, two MoE layers per stage, 8 and 24 micro-batches of 1 x 512 tokens (dim 256,
-top-2 of 8 experts). Timing mode per phase (parallel/pipeline/timing.py, `sleep_moe_runners`): each layer's
+top-2 of 8 experts). Timing mode per phase (bench/timing_mode.py, `sleep_moe_runners`): each layer's
 attention and MLP sleep their modelled time (forward 4 ms each, backward 8 ms with a 4 ms W), so 4 processes on 2
 cores behave like dedicated GPUs; the dispatch and the combine are the real all-to-alls of
 parallel/expert.py on the simulated fabric (parallel/fabric.py), whose latency makes each exchange last about 4 ms:
@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 
 from bench.gloo import run_gloo
+from bench.timing_mode import SleepMoELayer, sleep_moe_runners
 from parallel.expert import ExpertParallelDispatcher
 from parallel.fabric import Fabric
 from parallel.pipeline.executor import PipelineExecutor
 from parallel.pipeline.schedule import build_schedule
 from parallel.pipeline.simulate import Costs
 from parallel.pipeline.stage import rank_stages
-from parallel.pipeline.timing import SleepMoELayer, sleep_moe_runners
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PP, EP, LAYERS = 2, 2, 4

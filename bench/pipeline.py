@@ -2,7 +2,7 @@
 
 For each schedule (1f1b, zb1p, dualpipe, dualpipev) at PP = 2, 4 and 8, PP gloo processes run the real executor
 (parallel/pipeline/executor.py) on the schedule's real action lists with real point-to-point transfers of
-hidden-state tensors, in the timing mode of parallel/pipeline/timing.py: each chunk's compute is a sleep of
+hidden-state tensors, in the timing mode of bench/timing_mode.py: each chunk's compute is a sleep of
 F = 20 ms, B = 40 ms (W = 20 ms of it), so that 8 processes on 2 cores behave like 8 dedicated accelerators.
 Micro-batches per step: 2 x PP (1f1b and zb1p: the same number). Each step is barrier-aligned; a rank's
 bubble is the step's wall time minus the time that rank spent in its actions (compute plus waiting for
@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 from bench.gloo import run_gloo
+from bench.timing_mode import sleep_runners
 from parallel.pipeline.executor import PipelineExecutor
 from parallel.pipeline.schedule import build_schedule
 from parallel.pipeline.simulate import Costs, Timeline, formula_bubble, plot_timeline, simulate, write_chrome_trace
 from parallel.pipeline.stage import rank_stages
-from parallel.pipeline.timing import sleep_runners
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COSTS = Costs(F=0.02, B=0.04, W=0.02)

@@ -18,8 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from model.config import from_dict  # noqa: E402
-from trainer.optim import OptimConfig, batch_size_at, bias_gamma_at, lr_at, mtp_lambda_at  # noqa: E402
+from core.config import from_dict  # noqa: E402
+from optim.config import OptimConfig  # noqa: E402
+from optim.schedules import batch_size_at, bias_gamma_at, lr_at, mtp_lambda_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "schedules.png"

@@ -1,4 +1,4 @@
-"""Optimizer-state memory per rank: ZeRO-1 (parallel/zero.py) against the replicated trainer.optim.AdamW.
+"""Optimizer-state memory per rank: ZeRO-1 (parallel/zero.py) against the replicated optim.adamw.AdamW.
 
 For the `tiny` model preset, weights in fp32 or bf16 (bf16 as the trainer casts them: everything but the router),
 AdamW moments in fp32 or bf16, and DP = 1, 2, 4 (gloo processes on CPU, EP = 1): the bytes of fp32 master
@@ -21,9 +21,10 @@ import torch
 
 from bench.gloo import run_gloo
 from model import Transformer, presets
-from parallel.apply import is_expert_param
+from optim.adamw import AdamW
+from optim.config import OptimConfig
+from parallel.expert import is_expert_param
 from parallel.zero import ZeroOptimizer
-from trainer.optim import AdamW, OptimConfig
 from trainer.train import cast_for_compute
 
 RESULTS = Path(__file__).resolve().parent / "results"

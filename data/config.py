@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.config import ConfigError
+from core.config import Config, ConfigError
 
 
 @dataclass
-class DataConfig:
-    """Token sources, packing and the tokenizer. Mirrored by configs/data/*.yaml."""
+class DataConfig(Config):
+    """Token sources, packing and the tokenizer: the `data` group of the run config (configs/data/*.yaml)."""
+
+    prefix = "data"
 
     seq_len: int = 256  # tokens per packed training sequence (the model sees seq_len, predicts the next)
     datasets: list[str] = field(default_factory=list)  # token-file prefixes (hai-data output); [] = default corpus

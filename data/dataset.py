@@ -262,8 +262,8 @@ def _split(samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_data(cfg: DataConfig, seed: int, dp_rank: int = 0, dp_size: int = 1) -> DataPipeline:
-    """The pipeline of `cfg` for one rank: cfg.datasets with cfg.tokenizer, or the default corpus (prepared once)."""
-    cfg.validate()
+    """The pipeline of `cfg` (validated: RunConfig.validate) for one rank: cfg.datasets with cfg.tokenizer, or the
+    default corpus (prepared once)."""
     if cfg.datasets:
         if cfg.tokenizer is None:
             raise DataError("data.datasets is set but data.tokenizer is not; give the tokenizer.json the token "

@@ -33,8 +33,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from core.config import ConfigError
 from fp8.quant import FP8, GROUP
-from model.config import ConfigError
 
 BACKENDS = ("emulate", "torch", "te", "deepgemm")
 CHUNK_BYTES = 256 * 2**20  # float64 working set of one row chunk of gemm_reference

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from fp8.linear import GroupedLinear, Linear
-from model.config import ConfigError, ModelConfig
+from core.config import ConfigError
+from model.config import ModelConfig
+from model.linear import GroupedLinear, Linear
 from model.mla import MLA
 from model.moe import Gate
 from model.transformer import Transformer
-from parallel.apply import is_expert_param
+from parallel.expert import is_expert_param
 from parallel.pipeline.action import Action
 from parallel.pipeline.schedule import build_schedule, peak_activations
 from parallel.pipeline.simulate import Costs, formula_bubble, simulate

@@ -26,10 +26,7 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import fields
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_MODULE = "trainer.train"
 
 
@@ -57,39 +54,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def compose_config(overrides: list[str]):
-    """configs/config.yaml composed with the Hydra overrides (`key=value` items; Hydra's flags and their values,
-    such as `--cfg job`, are skipped), as hai-train composes it."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return compose("config", overrides=[o for o in overrides if "=" in o and not o.startswith("-")])
-    except Exception as err:  # Hydra's composition errors share no base class worth naming
-        raise LaunchError(f"cannot compose the config with {overrides}: {err}") from err
-
-
-def parallel_config(values: dict):
-    """ParallelConfig from the composed group; unknown keys are named (the trainer would refuse them too)."""
-    from parallel.config import ParallelConfig
-
-    known = {f.name for f in fields(ParallelConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise LaunchError(f"parallel: unknown keys {unknown}; known: {sorted(known)}")
-    return ParallelConfig(**values)
-
-
 def world_size(args: argparse.Namespace, overrides: list[str]) -> int:
     """Total ranks: nproc * nnodes when --nproc is given, else pp * DP (DP = --dp or parallel.ep); the whole
     config is validated for that world size (layout, model split, micro-batches) before anything starts."""
     from omegaconf import OmegaConf
 
-    from parallel.config import check_model_layout
-    from trainer.config import load_config
+    from core.config import from_dict
+    from parallel.config import ParallelConfig
+    from trainer.config import compose_config, load_config
 
-    cfg = compose_config(overrides)
-    pcfg = parallel_config(OmegaConf.to_container(cfg.parallel, resolve=True))
+    plain = [o for o in overrides if "=" in o and not o.startswith("-")]  # not Hydra's flags (`--cfg job`)
+    try:
+        cfg = compose_config(plain)
+    except ValueError as err:
+        raise LaunchError(f"cannot compose the config with {plain}: {err}") from None
+    pcfg = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
     if args.nproc is not None:
         world = args.nproc * args.nnodes
     else:
@@ -98,8 +77,7 @@ def world_size(args: argparse.Namespace, overrides: list[str]) -> int:
             raise LaunchError(f"--dp must be >= 1, got {dp}")
         world = pcfg.pp * dp
     try:
-        run = load_config(cfg, world)
-        check_model_layout(run.parallel, run.model, world)
+        load_config(cfg, world)
     except ValueError as err:
         raise LaunchError(f"world size {world}: {err}") from err
     return world

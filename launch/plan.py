@@ -11,9 +11,10 @@ assumption printed. The cost model is launch/cost.py.
         parallel.dispatch=hierarchical --cluster configs/cluster/h800_2048.yaml --fp8 --json plan.json
 
 The job shape is the paper's pre-training (4.2) unless flags change it: 4096-token sequences (or the model's
-max_seq_len if shorter), 15360 per step, micro-batches of one; the config's trainer group describes local runs and
-is not read. `--fp8` prices the paper's FP8 recipe (3.3) while fp8.recipe is off (FP8 training is not built).
-A config, cluster or layout that does not work exits with code 2 and a one-line message.
+max_seq_len if shorter), 15360 per step (or parallel.microbatches x micro-batch x DP when that is set), micro-batches
+of one; the config's trainer group describes local runs and is not read. The plan prices the FP8 recipe (3.3) when
+fp8.recipe is on or `--fp8` is given. A config, cluster or layout that does not work exits with code 2 and a
+one-line message.
 """
 
 from __future__ import annotations
@@ -26,28 +27,24 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from configs import ROOT as CONFIGS
+from core.config import ConfigError, from_dict
 from fp8.config import FP8Config
 from launch import cost
 from launch.cost import GB, Cluster, Layout
-from model import ConfigError, ModelConfig, Transformer, count_params
-from model.config import from_dict, model_config
-from parallel.config import ParallelConfig, check_model_layout
+from model import ModelConfig, Transformer, count_params
+from model.config import model_config
+from parallel.config import ParallelConfig, check_model_layout, microbatches_per_step
 from parallel.pipeline.schedule import ScheduleError, check_schedule_args
+from trainer.config import compose_config
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "configs"
-DEFAULT_CLUSTER = CONFIG_DIR / "cluster" / "h800_2048.yaml"
+CLUSTERS = CONFIGS / "cluster"
+DEFAULT_CLUSTER = Path(str(CLUSTERS / "h800_2048.yaml"))  # the paper's cluster, shipped in the configs package
 PAPER_SEQ_LEN, PAPER_BATCH = 4096, 15360  # paper 4.2: 4K sequences, 15360 per step after the ramp
 PAPER_GPU_HOURS_PER_T = 180e3  # paper 1: 180K H800 GPU hours per trillion tokens
 PAPER_TOKENS_T = 14.8
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose("config", overrides=overrides)
 
 
 def load_config(overrides: list[str]) -> ModelConfig:
@@ -92,12 +89,29 @@ def report(cfg: ModelConfig) -> str:
 
 # ---- the plan ---------------------------------------------------------------------------------------------------
 
-def load_cluster(path: Path | None, overrides: dict[str, float]) -> Cluster:
-    """A Cluster from a YAML file (default DEFAULT_CLUSTER) with `overrides` (field -> value) applied."""
-    path = DEFAULT_CLUSTER if path is None else Path(path)
+def cluster_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in CLUSTERS.iterdir() if p.name.endswith(".yaml"))
+
+
+def cluster_path(given: str | Path | None) -> Path:
+    """A cluster file: a path, or the name of one of configs/cluster/ (default DEFAULT_CLUSTER)."""
+    if given is None:
+        return DEFAULT_CLUSTER
+    given = str(given)
+    shipped = CLUSTERS / f"{given}.yaml"
+    if "/" not in given and shipped.is_file():
+        return Path(str(shipped))
+    path = Path(given)
     if not path.is_file():
-        known = ", ".join(str(p.relative_to(ROOT)) for p in sorted(DEFAULT_CLUSTER.parent.glob("*.yaml")))
-        raise ConfigError(f"--cluster {path}: no such file; give a cluster file such as {known}")
+        shipped = ", ".join(f"{n} (configs/cluster/{n}.yaml)" for n in cluster_names())
+        raise ConfigError(f"--cluster {given}: no such file; give a cluster file or the name of a shipped one: "
+                          f"{shipped}")
+    return path
+
+
+def load_cluster(path: str | Path | None, overrides: dict[str, float]) -> Cluster:
+    """A Cluster from a YAML file or shipped name (`cluster_path`) with `overrides` (field -> value) applied."""
+    path = cluster_path(path)
     try:
         values = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as err:  # YAML syntax
@@ -165,29 +179,26 @@ class Plan:
 
 
 def build_plan(model: ModelConfig, parallel: ParallelConfig, cluster: Cluster, fp8: bool = False,
-               seq_len: int | None = None, micro_batch: int = 1, global_batch: int = PAPER_BATCH) -> Plan:
-    """Validate the layout on the cluster (ConfigError / ScheduleError naming the field and the fix) and price it."""
+               seq_len: int | None = None, micro_batch: int = 1, global_batch: int | None = None) -> Plan:
+    """Validate the layout on the cluster (ConfigError / ScheduleError naming the field and the fix) and price it.
+    `global_batch` None: parallel.microbatches x micro-batch x DP when parallel.microbatches is set, else the
+    paper's PAPER_BATCH."""
     notes = []
     if parallel.gpus_per_node != cluster.gpus_per_node:
         notes.append(f"parallel.gpus_per_node={parallel.gpus_per_node} replaced by the cluster's "
                      f"{cluster.gpus_per_node}")
         parallel = replace(parallel, gpus_per_node=cluster.gpus_per_node)
     parallel.validate(cluster.gpus)
-    check_model_layout(parallel, model, cluster.gpus)
+    check_model_layout(parallel, model)
     seq_len = min(PAPER_SEQ_LEN, model.max_seq_len) if seq_len is None else seq_len
     if not 0 < seq_len <= model.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len}: must lie in [1, model.max_seq_len={model.max_seq_len}]")
+    dp = cluster.gpus // parallel.pp
+    if global_batch is None:
+        global_batch = parallel.microbatches * micro_batch * dp if parallel.microbatches else PAPER_BATCH
     if micro_batch < 1 or global_batch < 1:
         raise ConfigError(f"--micro-batch {micro_batch} and --global-batch {global_batch} must be >= 1")
-    dp = cluster.gpus // parallel.pp
-    if parallel.microbatches is not None:
-        microbatches = parallel.microbatches
-    elif global_batch % (micro_batch * dp):
-        raise ConfigError(f"--global-batch {global_batch} is not a multiple of --micro-batch {micro_batch} x DP {dp} "
-                          f"(= {cluster.gpus} GPUs / parallel.pp={parallel.pp}); choose a multiple of "
-                          f"{micro_batch * dp}, or set parallel.microbatches")
-    else:
-        microbatches = global_batch // (micro_batch * dp)
+    microbatches = microbatches_per_step(parallel, global_batch, micro_batch, dp, ("--global-batch", "--micro-batch"))
     try:
         check_schedule_args(parallel.schedule, parallel.pp, microbatches)
     except ScheduleError as err:
@@ -335,15 +346,16 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hai-plan", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for hai-train (model=..., parallel.pp=...)")
-    p.add_argument("--cluster", type=Path, help=f"cluster file (default when a cluster flag is given: "
-                                                f"{DEFAULT_CLUSTER.relative_to(ROOT)})")
+    p.add_argument("--cluster", help=f"cluster file, or the name of a shipped one ({', '.join(cluster_names())}); "
+                                     f"default when a cluster flag is given: {DEFAULT_CLUSTER.stem}")
     for f in fields(Cluster):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=float, help=f.metadata["doc"])
     p.add_argument("--fp8", action="store_true", help="price the paper's FP8 recipe (3.3) whatever fp8.recipe says")
     p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {PAPER_SEQ_LEN}, or model.max_seq_len)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
-    p.add_argument("--global-batch", type=int, default=PAPER_BATCH,
-                   help=f"sequences per step (default {PAPER_BATCH}, paper 4.2); parallel.microbatches wins if set")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help=f"sequences per step (default: parallel.microbatches x micro-batch x DP when that is set, "
+                        f"else {PAPER_BATCH}, paper 4.2)")
     p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     return p
 
@@ -352,15 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = _parser().parse_intermixed_args(argv)
-        try:
-            cfg = compose_config(args.overrides)
-        except Exception as err:  # Hydra's override and missing-config errors
-            raise ConfigError(f"{type(err).__name__}: {err}") from None
+        cfg = compose_config(args.overrides)
         model = model_config(OmegaConf.to_container(cfg.model, resolve=True))
         flags = {f.name: getattr(args, f.name) for f in fields(Cluster) if getattr(args, f.name) is not None}
         plan = None
         if args.cluster is not None or flags:
-            fp8 = FP8Config(**OmegaConf.to_container(cfg.fp8, resolve=True)).validate()
+            fp8 = from_dict(FP8Config, OmegaConf.to_container(cfg.fp8, resolve=True), "fp8").validate()
             parallel = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
             cluster = load_cluster(args.cluster, flags)
             plan = build_plan(model, parallel, cluster, args.fp8 or fp8.recipe != "off", args.seq_len,
@@ -370,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report(model))
     if plan is None:
-        print(f"\n(memory, communication and time: add --cluster {DEFAULT_CLUSTER.relative_to(ROOT)})")
+        print(f"\n(memory, communication and time: add --cluster {DEFAULT_CLUSTER.stem})")
         return 0
     print()
-    print(format_plan(plan, (args.cluster or DEFAULT_CLUSTER).name))
+    print(format_plan(plan, cluster_path(args.cluster).name))
     if args.json is not None:
         args.json.write_text(json.dumps(plan_json(plan), indent=1))
     return 0

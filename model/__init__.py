@@ -1,6 +1,7 @@
 """The DeepSeek-V3 model, free of any process-group logic (DESIGN.md principle 1)."""
 
-from model.config import ConfigError, ModelConfig, YarnConfig
+from core.config import ConfigError
+from model.config import ModelConfig, YarnConfig
 from model.params import count_params
 from model.transformer import LossOutput, Transformer
 

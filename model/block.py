@@ -24,7 +24,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.mla import MLA
-from model.moe import MLP, MoE
+from model.moe import MLP, Dispatched, MoE
 from model.norm import RMSNorm
 
 
@@ -51,9 +51,9 @@ class Block(nn.Module):
         x, h, idx, w = self.attn_router(x, cos, sin, mask)
         exchange = self.ffn.dispatcher.dispatch_async(h.flatten(0, 1), idx, w)
         yield
-        rows, ids, rw, layout = exchange.wait()
-        y, shared = self.experts(rows, ids, rw, h)
-        exchange = self.ffn.dispatcher.combine_async(y, layout)
+        arrived = exchange.wait()
+        y, shared = self.experts(arrived, h)
+        exchange = self.ffn.dispatcher.combine_async(y, arrived.layout)
         yield
         return self.residual(x, shared, exchange.wait())
 
@@ -64,10 +64,10 @@ class Block(nn.Module):
         h, idx, w = self.ffn.route(self.ffn_norm(x))
         return x, h, idx, w
 
-    def experts(self, rows: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
-        """-> weighted routed outputs per row [R, dim], shared-expert output [B, T, dim] (or None)."""
+    def experts(self, arrived: Dispatched, h: torch.Tensor):
+        """-> weighted routed outputs per dispatched row [R, dim], shared-expert output [B, T, dim] (or None)."""
         shared = self.ffn.shared_experts(h) if self.ffn.shared_experts is not None else None
-        return self.ffn.experts(rows, ids, w), shared
+        return self.ffn.experts(arrived.rows, arrived.expert_ids, arrived.weights, arrived.packed), shared
 
     def residual(self, x: torch.Tensor, shared: torch.Tensor | None, routed: torch.Tensor) -> torch.Tensor:
         routed = routed.view_as(x)

@@ -1,27 +1,26 @@
-"""ModelConfig: the DeepSeek-V3 hyper-parameters (paper 2.1, 2.2, 4.2), grouped as in the paper's table.
+"""ModelConfig: the DeepSeek-V3 hyper-parameters (paper 2.1, 2.2, 4.2), grouped as in the paper's table; each
+field's meaning is its comment here, and nowhere else.
 
-Presets live in configs/model/*.yaml and mirror this dataclass field for field (model/presets.py loads
-them). `validate()` stops an inconsistent config with a message naming the field and the fix.
+Presets live in configs/model/*.yaml and give a value for every field (model/presets.py loads them).
+`validate()` stops an inconsistent config with a message naming the field and the fix.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from core.config import Config, ConfigError, choice, from_dict
 
-class ConfigError(ValueError):
-    """A config value is wrong or inconsistent; the message names the field and the fix."""
-
-
-BALANCE_MODES = ("aux_free", "aux_loss", "none")
-EXPERT_GEMMS = ("grouped_mm", "loop")
+Balance = choice("Balance", "aux_free aux_loss none", __name__)
+ExpertGemm = choice("ExpertGemm", "grouped_mm loop", __name__)
 
 
 @dataclass
-class YarnConfig:
+class YarnConfig(Config):
     """YaRN RoPE extension (paper 4.3), in Hugging Face's `rope_scaling` semantics."""
+
+    prefix = "model.yarn"
 
     factor: float = 40.0  # context extension factor s
     original_max_seq_len: int = 4096  # pre-training context the frequencies were trained for
@@ -32,8 +31,10 @@ class YarnConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Every architectural hyper-parameter of a DeepSeek-V3-style model."""
+
+    prefix = "model"
 
     # trunk
     vocab_size: int = 129280  # tokenizer vocabulary
@@ -52,7 +53,10 @@ class ModelConfig:
     qk_rope_head_dim: int = 64  # decoupled RoPE dim d^R_h (shared key across heads)
     v_head_dim: int = 128  # per-head value dim
     rope_theta: float = 10000.0  # RoPE base
-    yarn: YarnConfig | None = None  # YaRN scaling; None = plain RoPE
+    # YaRN scaling (a YarnConfig; a mapping is converted, absent fields taking their defaults); None = plain RoPE.
+    # Typed Any for Hydra: OmegaConf 2.3 cannot merge an override into a structured field that is None
+    # (omry/omegaconf#1360), and `model.yarn={factor: 4}` over a preset's `yarn: null` is how YaRN is switched on.
+    yarn: Any = None
     # moe (2.1.2)
     n_routed_experts: int = 256  # routed experts N_r
     n_shared_experts: int = 1  # shared experts N_s (one MLP of n_shared * moe_inter_dim)
@@ -61,10 +65,10 @@ class ModelConfig:
     topk_group: int = 4  # groups a token may reach (M)
     moe_inter_dim: int = 2048  # intermediate size of every expert
     routed_scaling_factor: float = 2.5  # gate multiplier after normalisation
-    balance: str = "aux_free"  # aux_free (bias + sequence loss) | aux_loss (classic expert loss) | none
+    balance: Balance = Balance("aux_free")  # aux_free (bias + sequence loss) | aux_loss (classic expert loss) | none
     seq_aux_alpha: float = 1e-4  # weight alpha of the complementary sequence-wise loss (aux_free)
     aux_loss_alpha: float = 1e-3  # weight of the classic expert-level balance loss (aux_loss)
-    expert_gemm: str = "grouped_mm"  # routed-expert GEMM: grouped_mm | loop (over experts, the reference)
+    expert_gemm: ExpertGemm = ExpertGemm("grouped_mm")  # routed-expert GEMM: grouped_mm | loop (over experts)
     # mtp (2.2)
     n_mtp_depth: int = 1  # MTP depth D; 0 = no MTP modules
     # memory savers (3.2.3)
@@ -72,8 +76,9 @@ class ModelConfig:
     recompute_mla_up_proj: bool = False  # recompute the MLA up-projections (and core attention) in backward
 
     def __post_init__(self) -> None:
-        if isinstance(self.yarn, dict):
-            self.yarn = from_dict(YarnConfig, self.yarn, prefix="model.yarn")
+        super().__post_init__()
+        if self.yarn is not None and not isinstance(self.yarn, YarnConfig):
+            self.yarn = from_dict(YarnConfig, self.yarn, "model.yarn")
 
     @property
     def qk_head_dim(self) -> int:
@@ -110,10 +115,6 @@ class ModelConfig:
             _fail("n_activated_experts", f"{self.n_activated_experts} experts per token exceed the "
                   f"{self.topk_group * per_group} held by topk_group={self.topk_group} groups of {per_group}; "
                   "raise topk_group or lower n_activated_experts")
-        if self.balance not in BALANCE_MODES:
-            _fail("balance", f"must be one of {BALANCE_MODES}, got {self.balance!r}")
-        if self.expert_gemm not in EXPERT_GEMMS:
-            _fail("expert_gemm", f"must be one of {EXPERT_GEMMS}, got {self.expert_gemm!r}")
         if self.n_mtp_depth < 0:
             _fail("n_mtp_depth", f"MTP depth D must be >= 0 (0 disables MTP), got {self.n_mtp_depth}")
         for name in ("seq_aux_alpha", "aux_loss_alpha", "init_std", "norm_eps", "routed_scaling_factor"):
@@ -128,26 +129,14 @@ class ModelConfig:
                 _fail("yarn.beta_fast", f"must exceed beta_slow ({self.yarn.beta_fast} <= {self.yarn.beta_slow})")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def _fail(name: str, message: str) -> None:
     raise ConfigError(f"model.{name}: {message}")
 
 
-def from_dict(cls: type, values: dict[str, Any], prefix: str = "model") -> Any:
-    """Build dataclass `cls` from a plain dict, rejecting unknown keys by name."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{prefix}: unknown field(s) {unknown}; known fields are {sorted(known)}")
-    return cls(**values)
-
-
 def model_config(values: dict[str, Any]) -> ModelConfig:
-    """A validated ModelConfig from a plain dict (for example a resolved Hydra node)."""
-    return from_dict(ModelConfig, dict(values)).validate()
+    """A validated ModelConfig from a plain dict (for example a resolved Hydra node or a checkpoint's meta.json)."""
+    return from_dict(ModelConfig, values, "model").validate()
 
 
-__all__ = ["ConfigError", "ModelConfig", "YarnConfig", "model_config", "from_dict"]
+__all__ = ["Balance", "ConfigError", "ExpertGemm", "ModelConfig", "YarnConfig", "model_config"]

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import ConfigError, ModelConfig, YarnConfig
+from core.config import ConfigError
+from model.config import ModelConfig, YarnConfig
 from model.transformer import Transformer
 
 log = logging.getLogger(__name__)

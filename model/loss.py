@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fp8.linear import Linear, accumulate_grad
+from model.linear import Linear, return_or_defer
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 21  # logits elements per chunk (8 MiB in fp32: stays in cache, measured faster)
@@ -66,15 +66,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = dh * grad_loss.to(dh.dtype) if dh is not None else None
         if dw is None:
             return dh, None, None, None
-        weight = head.weight
-
-        def wgrad() -> torch.Tensor:
-            return (dw * grad_loss).to(weight.dtype)
-
-        if head.wgrad_store is None:
-            return dh, wgrad(), None, None
-        head.wgrad_store.put(lambda: accumulate_grad(weight, wgrad()))  # the head's W, deferred like any Linear
-        return dh, None, None, None
+        dtype = head.weight.dtype
+        return dh, return_or_defer(head, lambda: (dw * grad_loss).to(dtype)), None, None  # deferrable like any W
 
 
 def linear_cross_entropy(h: torch.Tensor, head: Linear, labels: torch.Tensor) -> torch.Tensor:

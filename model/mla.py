@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fp8.linear import Linear
 from model.config import ModelConfig
+from model.linear import Linear
 from model.norm import RMSNorm
 from model.rope import apply_rope, softmax_scale
 

@@ -12,17 +12,22 @@ Balancing:
   the classic batch-wise expert loss with `balance: aux_loss`; either is attached to the activations by
   `AttachLoss` so that a pipeline stage still passes a single tensor.
 
-Routed experts run as grouped GEMMs over rows sorted by expert (`fp8.linear.GroupedLinear`).
+Routed experts run as grouped GEMMs over rows sorted by expert (`model.linear.GroupedLinear`).
+
+Dispatch and combine are a dispatcher's (`LocalDispatcher` here, parallel/expert.py's all-to-all under expert
+parallelism); a dispatch delivers a `Dispatched`.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8.linear import GroupedLinear, Linear, swiglu_experts
 from model.config import ModelConfig
+from model.linear import GroupedLinear, Linear, swiglu_experts
 
 
 class MLP(nn.Module):
@@ -85,6 +90,11 @@ class Gate(Linear):
         return biased.topk(self.topk, dim=-1).indices  # (N, K)
 
 
+def gates(model: nn.Module) -> dict[str, Gate]:
+    """Every router of a model, keyed by its module path (e.g. "layers.5.ffn.gate", "mtp.0.block.ffn.gate")."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Gate)}
+
+
 def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
     """Aux-loss-free bias update (paper 2.1.2): b_i + gamma * sign(mean load - load_i)."""
     return bias + gamma * torch.sign(load.float().mean() - load.float())
@@ -136,15 +146,17 @@ class AttachLoss(torch.autograd.Function):
 class RoutedExperts(nn.Module):
     """E SwiGLU experts as three grouped GEMMs: w1/w3 [E, inter, dim], w2 [E, dim, inter]."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, backend: str = "grouped_mm") -> None:
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, expert_gemm: str = "grouped_mm") -> None:
         super().__init__()
         self.n_experts = n_experts
-        self.w1 = GroupedLinear(n_experts, dim, inter_dim, backend)
-        self.w2 = GroupedLinear(n_experts, inter_dim, dim, backend)
-        self.w3 = GroupedLinear(n_experts, dim, inter_dim, backend)
+        self.w1 = GroupedLinear(n_experts, dim, inter_dim, expert_gemm)
+        self.w2 = GroupedLinear(n_experts, inter_dim, dim, expert_gemm)
+        self.w3 = GroupedLinear(n_experts, dim, inter_dim, expert_gemm)
 
-    def forward(self, rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """rows [R, dim]; expert_ids [R, K] local ids (-1 = expert not here); weights [R, K] fp32.
+    def forward(self, rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                packed: Any = None) -> torch.Tensor:
+        """rows [R, dim]; expert_ids [R, K] local ids (-1 = expert not here); weights [R, K] fp32; `packed` the
+        dispatch payload's form of the rows (`Dispatched.packed`).
 
         Returns [R, dim]: sum_k weights[r, k] * expert_{ids[r, k]}(rows[r]), accumulated in fp32 (DeepEP's
         normal-mode layout: one row per token and destination, weighted before the combine).
@@ -157,10 +169,20 @@ class RoutedExperts(nn.Module):
         n_valid = int(counts[: self.n_experts].sum())
         pairs = order[:n_valid]  # (M,) flat (row, slot) indices sorted by expert
         counts = counts[: self.n_experts]
-        y = swiglu_experts(self.w1, self.w3, self.w2, rows, pairs // k, counts)  # (M, dim), rows[pairs // k]
+        y = swiglu_experts(self.w1, self.w3, self.w2, rows, pairs // k, counts, packed)  # (M, dim), rows[pairs // k]
         y = y.float() * weights.flatten()[pairs].unsqueeze(-1)
         out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
         return out.index_add_(0, pairs // k, y).to(rows.dtype)
+
+
+class Dispatched(NamedTuple):
+    """What a dispatch delivers to the experts of this rank."""
+
+    rows: torch.Tensor  # [R, dim] one row per (token, destination), in the compute dtype
+    expert_ids: torch.Tensor  # [R, K] local expert ids, -1 where the slot's expert lives elsewhere
+    weights: torch.Tensor  # [R, K] fp32 gate weights, 0 where expert_ids is -1
+    layout: Any  # what the combine needs to send the outputs back (None when nothing travelled)
+    packed: Any = None  # the payload's form of the rows, e.g. their E4M3 bytes and scales; None: sent as they are
 
 
 class Ready:
@@ -185,8 +207,8 @@ class LocalDispatcher:
     during_exchange = None  # no backward exchange to run anything behind
 
     def dispatch_async(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> Ready:
-        """h [N, dim], idx/weights [N, K] -> (rows, local expert ids, weights, layout) once waited for."""
-        return Ready((h, idx, weights, None))
+        """h [N, dim], idx/weights [N, K] -> a `Dispatched` once waited for."""
+        return Ready(Dispatched(h, idx, weights, None))
 
     def combine_async(self, y: torch.Tensor, layout: object) -> Ready:
         return Ready(y)

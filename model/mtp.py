@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fp8.linear import Linear
 from model.block import Block
 from model.config import ModelConfig
+from model.linear import Linear
 from model.norm import RMSNorm
 
 

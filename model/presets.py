@@ -1,18 +1,19 @@
-"""Model presets: configs/model/NAME.yaml, each mirroring ModelConfig field for field."""
+"""Model presets: configs/model/NAME.yaml (a value for every ModelConfig field), read from the installed `configs`
+package, so they work from any directory."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import OmegaConf
 
-from model.config import ConfigError, ModelConfig, model_config
+from configs import ROOT
+from core.config import ConfigError
+from model.config import ModelConfig, model_config
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+CONFIG_DIR = ROOT / "model"
 
 
 def names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(p.name.removesuffix(".yaml") for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
 def load(name: str, **overrides: object) -> ModelConfig:

@@ -7,14 +7,15 @@ None on a pipeline stage that does not own them.
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fp8.linear import GroupedLinear, Linear
-from model.block import Block
+from model.block import Block, run_steps
 from model.config import ModelConfig
+from model.linear import GroupedLinear, Linear
 from model.loss import IGNORE_INDEX, linear_cross_entropy
 from model.mtp import MTPModule
 from model.norm import RMSNorm
@@ -60,21 +61,26 @@ class Transformer(nn.Module):
         """Remove the MTP modules (inference does not need them, paper 2.2)."""
         self.mtp = None
 
-    def _rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE cos/sin tables [seq_len, rope_dim/2] of the first `seq_len` positions."""
         if seq_len > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
 
     def hidden(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> final hidden states [B, T, dim] before the last norm."""
-        return self.run_layers(self.embed(tokens), document_ids)
+        return run_steps(self.layer_steps(self.embed(tokens), None, document_ids))
 
-    def run_layers(self, h: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [B, T, dim] through the blocks this model holds (all of them, or a pipeline stage's)."""
-        cos, sin = self._rope(h.shape[1])
+    def layer_steps(self, h: torch.Tensor, layer_ids: Iterable[int] | None = None,
+                    document_ids: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
+        """Hidden states [B, T, dim] through blocks `layer_ids` in order (None: every block this model holds, all
+        of them or a pipeline stage's), as a generator that pauses after each all-to-all a block launches
+        (`Block.steps`; `run_steps` runs it without pausing)."""
+        cos, sin = self.rope(h.shape[1])
         mask = document_mask(document_ids)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, mask)
+        layers = self.layers.values() if layer_ids is None else (self.layers[str(i)] for i in layer_ids)
+        for layer in layers:
+            h = yield from layer.steps(h, cos, sin, mask)
         return h
 
     def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,7 +104,7 @@ class Transformer(nn.Module):
         main = linear_cross_entropy(self.norm(h), self.head, labels)
         total, mtp_losses = main, []
         if self.mtp is not None and len(self.mtp) and mtp_lambda:
-            cos, sin = self._rope(h.shape[1])
+            cos, sin = self.rope(h.shape[1])
             mask = document_mask(document_ids)
             depth = len(self.mtp)
             for k, module in enumerate(self.mtp, start=1):

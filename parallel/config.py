@@ -1,16 +1,22 @@
-"""ParallelConfig: the process grid (paper 3.2: PP x EP x ZeRO-1 DP). Mirrored by configs/parallel/*.yaml.
+"""ParallelConfig: the process grid (paper 3.2: PP x EP x ZeRO-1 DP), the `parallel` group of the run config.
 
-DP is the world size divided by PP; EP divides DP; `gpus_per_node` groups ranks into (simulated) nodes.
-Every rule is checked before any process group is built, with the numbers and the fix in the message.
+DP is the world size divided by PP; EP divides DP; `gpus_per_node` groups ranks into (simulated) nodes. Every
+rule is checked before any process group is built, with the numbers and the fix in the message.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from model.config import ConfigError, ModelConfig
+from core.config import Config, ConfigError, choice
+from model.config import ModelConfig
+from parallel.fabric import Fabric
+from parallel.pipeline.action import ScheduleName, num_stages
+from parallel.pipeline.schedule import check_schedule_layout
+from parallel.pipeline.stage import split_layers
 
-DISPATCH_MODES = ("flat", "hierarchical")
+Dispatch = choice("Dispatch", "flat hierarchical", __name__, refusal="is not a dispatch mode")
 
 
 def _divisors(n: int) -> str:
@@ -18,17 +24,27 @@ def _divisors(n: int) -> str:
 
 
 @dataclass
-class ParallelConfig:
-    pp: int = 1  # pipeline-parallel stages (DP = world size / pp)
-    ep: int = 1  # expert-parallel ranks, contiguous inside the data-parallel group; divides DP
+class ParallelConfig(Config):
+    prefix = "parallel"
+
+    pp: int = 1  # pipeline-parallel ranks (DP = world size / pp)
+    ep: int = 1  # expert-parallel ranks, contiguous inside the data-parallel group; divides DP and the experts
     gpus_per_node: int = 8  # ranks per (simulated) node; node-limited routing uses the nodes of the EP group
-    dispatch: str = "flat"  # expert all-to-all: flat | hierarchical (across nodes once, then inside the node)
+    dispatch: Dispatch = Dispatch("flat")  # expert all-to-all: flat | hierarchical (across nodes once, then inside)
     timeout_s: int = 120  # collective timeout in seconds: a failed rank ends the job within it
-    schedule: str = "1f1b"  # pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev (parallel/pipeline/schedule.py)
-    microbatches: int | None = None  # micro-batches per step and pipeline; None: global batch / (micro-batch x DP)
-    stage_layers: list[int] | None = None  # explicit layer count per pipeline stage; None: an even split
-    fabric: dict | None = None  # simulated links for CPU runs: {intra_gbps, inter_gbps, latency_us}; parallel/fabric.py
-    overlap: bool = True  # run an FB chunk's forward inside its backward (pipeline/overlap.py); false: F then B
+    schedule: ScheduleName = ScheduleName("1f1b")  # 1f1b | zb1p | dualpipe | dualpipev (parallel/pipeline/schedule.py)
+    # micro-batches per step and pipeline; null derives them from the global batch (trainer.global_batch_size, or
+    # hai-plan's --global-batch) / (micro-batch x DP); when set, the global batch must be that product
+    microbatches: int | None = None
+    stage_layers: list[int] | None = None  # layers per pipeline stage (dualpipev: 2 x pp stages); null: even split
+    # simulated links for CPU runs (a parallel.fabric.Fabric: {intra_gbps, inter_gbps, latency_us}); null = none.
+    # Typed Any for Hydra, as model.yarn (OmegaConf 2.3 cannot merge an override into a None structured field).
+    fabric: Any = None
+    overlap: bool = True  # DualPipe: run each FB chunk's forward inside its backward (pipeline/overlap.py)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.fabric = Fabric.from_config(self.fabric)
 
     def validate(self, world_size: int = 1) -> ParallelConfig:
         """The arithmetic of the grid and the schedule's rules that do not depend on the batch."""
@@ -37,9 +53,6 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
-        if self.dispatch not in DISPATCH_MODES:
-            raise ConfigError(f"parallel.dispatch={self.dispatch!r} is not a dispatch mode; choose one of "
-                              f"{', '.join(DISPATCH_MODES)}")
         if world_size % self.pp:
             raise ConfigError(f"parallel.pp={self.pp} does not divide the world size {world_size} "
                               f"(DP = world / pp); choose pp among {_divisors(world_size)}")
@@ -51,17 +64,7 @@ class ParallelConfig:
             raise ConfigError(f"parallel.gpus_per_node={self.gpus_per_node} does not divide the world size "
                               f"{world_size}; every node holds the same number of ranks: choose "
                               f"gpus_per_node among {_divisors(world_size)} (or >= {world_size} for one node)")
-        from parallel.pipeline.action import SCHEDULES
-
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"parallel.schedule={self.schedule!r} does not exist; choose one of "
-                              f"{', '.join(SCHEDULES)}")
-        if self.schedule == "dualpipe" and self.pp % 2:
-            raise ConfigError(f"parallel.schedule=dualpipe needs an even number of pipeline ranks, got parallel.pp="
-                              f"{self.pp}; use an even pp, or parallel.schedule=dualpipev (any pp)")
-        from parallel.fabric import Fabric
-
-        Fabric.from_config(self.fabric)
+        check_schedule_layout(self.schedule, self.pp)
         if not isinstance(self.overlap, bool):
             raise ConfigError(f"parallel.overlap={self.overlap!r}: must be true or false")
         if self.microbatches is not None and self.microbatches < 1:
@@ -78,13 +81,10 @@ class ParallelConfig:
         return max(1, -(-self.ep // self.gpus_per_node))
 
 
-def check_model_layout(cfg: ParallelConfig, model: ModelConfig, world_size: int) -> None:
+def check_model_layout(cfg: ParallelConfig, model: ModelConfig) -> None:
     """The model must split over the grid: its layers over the pipeline stages, experts divisible by EP, and
     under node-limited routing across several nodes, one router group per node of the EP group (paper 3.2: a
     token reaches at most M nodes)."""
-    from parallel.pipeline.action import num_stages
-    from parallel.pipeline.stage import split_layers
-
     split_layers(model.n_layers, num_stages(cfg.schedule, cfg.pp), cfg.stage_layers)
     if model.n_routed_experts % cfg.ep:
         raise ConfigError(f"model.n_routed_experts={model.n_routed_experts} is not divisible by parallel.ep="
@@ -94,3 +94,20 @@ def check_model_layout(cfg: ParallelConfig, model: ModelConfig, world_size: int)
         raise ConfigError(f"model.n_group={model.n_group} must equal the {nodes} nodes spanned by the EP group "
                           f"(parallel.ep={cfg.ep} / parallel.gpus_per_node={cfg.gpus_per_node}), so that each "
                           f"expert group is one node; set model.n_group={nodes} (and model.topk_group <= {nodes})")
+
+
+def microbatches_per_step(cfg: ParallelConfig, global_batch: int, micro_batch: int, dp: int,
+                          names: tuple[str, str] = ("trainer.global_batch_size", "trainer.micro_batch_size")) -> int:
+    """Micro-batches per step and pipeline: global batch / (micro-batch x DP), which must divide evenly; when
+    parallel.microbatches is set it must be that number. The one meaning of parallel.microbatches, for hai-train
+    and hai-plan alike; `names` are the global-batch and micro-batch settings as the caller's user sets them."""
+    per_pass = micro_batch * dp
+    if global_batch % per_pass:
+        raise ConfigError(f"{names[0]}={global_batch} is not a multiple of {names[1]}={micro_batch} x "
+                          f"data-parallel size {dp} = {per_pass}")
+    derived = global_batch // per_pass
+    if cfg.microbatches is not None and cfg.microbatches != derived:
+        raise ConfigError(f"parallel.microbatches={cfg.microbatches} but {names[0]}={global_batch} / ({names[1]}="
+                          f"{micro_batch} x DP={dp}) = {derived}; set one consistent with the other, or "
+                          "parallel.microbatches=null")
+    return derived

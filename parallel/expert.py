@@ -14,17 +14,19 @@ Semantics (DeepEP's normal mode, on `torch.distributed.all_to_all_single`):
 - autograd: dispatch backward is a combine of the row gradients (to h) plus the gradient of the row weights
   sent back to their (token, slot), so the gate keeps learning; combine backward is a dispatch of the
   output gradients reusing the saved layout.
-- hierarchical mode (the paper's IB + NVLink scheme): stage 1 sends a token once to every destination node
+- hierarchical mode (the paper's IB + NVLink scheme): hop 1 sends a token once to every destination node
   that holds any of its experts, to the rank with the sender's local index in that node (the only
-  cross-node traffic); stage 2 forwards it inside the node to the ranks holding the experts. The final
+  cross-node traffic); hop 2 forwards it inside the node to the ranks holding the experts. The final
   rows, ids and weights are the flat mode's (rows are reordered by (source rank, source token)); combine
   sums inside the node first and crosses nodes once per (token, node). Results equal flat mode up to float
   summation order. Node = EP-group rank // gpus_per_node. With one node or one rank per node the flat
   exchange already crosses each node boundary once per (token, node), and hierarchical mode runs it.
 
 The dispatch-direction payload (forward dispatch and combine backward) goes through `pack(rows) -> list[Tensor]`
-/ `unpack(tensors) -> rows`, which use the `payload` hook when one is set (fp8/recipe.py's FP8Payload: uint8 view
-+ scales); relays forward packed rows without unpacking. The combine direction sends plain tensors.
+/ `unpack(tensors) -> (rows, packed)`, which use the `payload` given at construction when there is one
+(fp8/recipe.py's FP8Payload: uint8 view + scales); relays forward packed rows without unpacking, and the dispatch
+delivers the payload's own form of the rows as `Dispatched.packed` (the FP8 expert GEMM's operand). The combine
+direction sends plain tensors.
 `dispatch_async` / `combine_async` return a `CommHandle` whose `wait()` finishes the exchange: the caller
 can compute while the payload is in flight (gloo runs it on its own threads). The count and metadata
 exchanges of a dispatch are synchronous and small. The exchanges of the backward run inside autograd; between
@@ -43,19 +45,43 @@ import math
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
+from model.moe import Dispatched
 from parallel.fabric import Fabric, LinkDelay
+
+
+def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
+    """The global ids [start, end) of the routed experts that EP rank `ep_rank` owns."""
+    per_rank = n_experts // ep_size
+    return ep_rank * per_rank, (ep_rank + 1) * per_rank
+
+
+def is_expert_param(name: str) -> bool:
+    """Routed-expert parameters are sharded by EP (and reduced over expert-DP); all others are dense."""
+    return ".experts." in name
+
+
+class Payload(Protocol):
+    """How dispatch-direction rows travel (fp8/recipe.py `FP8Payload`): `pack` rows [N, dim] into tensors whose
+    dim 0 is the rows, `unpack` them back into (rows, the payload's own form of them)."""
+
+    def pack(self, rows: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def unpack(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, object]: ...
+
 
 Works = list  # list of torch.distributed Work objects in flight
 Flow = Generator[Works, None, list[torch.Tensor]]
 
 
 @dataclass
-class Stage:
-    """One all-to-all: send row i is row `index[i]` of the previous level (tokens for the first stage)."""
+class Hop:
+    """One all-to-all of a dispatch: send row i is row `index[i]` of the previous level (tokens for the first hop;
+    hierarchical mode has two hops, across nodes then inside the node)."""
 
     index: torch.Tensor  # (S,) int64
     send: list[int]  # rows to each EP rank (sum S)
@@ -69,8 +95,8 @@ class DispatchLayout:
     """What combine (and both backwards) need to retrace a dispatch; opaque to the model."""
 
     n_tokens: int
-    stages: list[Stage]
-    perm: torch.Tensor | None  # (R,) final rows = last stage's arrivals[perm]; None = arrival order
+    hops: list[Hop]
+    perm: torch.Tensor | None  # (R,) final rows = last hop's arrivals[perm]; None = arrival order
     local_ids: torch.Tensor  # (R, K) int64, -1 = expert not on this rank
     row_weights: torch.Tensor  # (R, K) fp32, 0 where local_ids == -1
     src_rank: torch.Tensor  # (R,) EP rank the row's token came from
@@ -78,13 +104,13 @@ class DispatchLayout:
 
 
 class CommHandle:
-    """An exchange in flight; `wait()` completes it (driving any later stage) and returns the result. The time
+    """An exchange in flight; `wait()` completes it (driving any later hop) and returns the result. The time
     spent in `wait()` (communication the caller did not hide behind compute) is passed to `waited`."""
 
     def __init__(self, flow: Flow, finish: Callable[[list[torch.Tensor]], object],
                  waited: Callable[[float], None] | None = None) -> None:
         self._flow, self._finish, self._waited = flow, finish, waited
-        self._works = next(flow)  # launches the first stage now
+        self._works = next(flow)  # launches the first hop now
         self._done, self._result = False, None
 
     def wait(self):
@@ -133,7 +159,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         disp = ctx.disp
-        rows = disp.unpack(disp._run(disp._dispatch_flow(ctx.layout, disp.pack(grad.contiguous()))))
+        rows, _ = disp.unpack(disp._run(disp._dispatch_flow(ctx.layout, disp.pack(grad.contiguous()))))
         return rows.to(ctx.dtype), None
 
 
@@ -141,7 +167,7 @@ class ExpertParallelDispatcher:
     """All-to-all dispatch/combine over an EP process group (see the module docstring)."""
 
     def __init__(self, group: dist.ProcessGroup | None, n_experts: int, gpus_per_node: int = 8,
-                 hierarchical: bool = False, fabric: Fabric | None = None) -> None:
+                 hierarchical: bool = False, fabric: Fabric | None = None, payload: Payload | None = None) -> None:
         self.group, self.fabric = group, fabric
         self.ep = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -155,28 +181,29 @@ class ExpertParallelDispatcher:
         self.node = self.rank // self.gpus_per_node
         self.hierarchical = hierarchical
         # with one node, or one rank per node, the flat exchange already sends a token once per node
-        self._two_stage = hierarchical and self.n_nodes > 1 and self.gpus_per_node > 1
+        self._two_hop = hierarchical and self.n_nodes > 1 and self.gpus_per_node > 1
         self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0, wait_s=0.0, link_s=0.0)
         # running totals (never reset) of `wait_s` and `link_s`, for per-action accounting by a pipeline executor
         self.waited_s = self.linked_s = 0.0
         # called right after a backward exchange is launched and before it is waited for: a pipeline's overlapped
         # chunk runs another micro-batch's forward there (parallel/pipeline/overlap.py)
         self.during_exchange: Callable[[], None] | None = None
-        self.payload = None  # pack/unpack of the dispatch-direction rows (None: as they are); fp8/recipe.py
+        self.payload = payload  # pack/unpack of the dispatch-direction rows (None: as they are)
 
     # ---- payload hook -------------------------------------------------------------------------------------
     def pack(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Rows [N, dim] -> tensors that travel; each must have the rows as dim 0 (relays select rows)."""
         return [rows] if self.payload is None else self.payload.pack(rows)
 
-    def unpack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Inverse of `pack` on the received rows (the caller casts to its dtype)."""
-        return tensors[0] if self.payload is None else self.payload.unpack(tensors)
+    def unpack(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, object]:
+        """Inverse of `pack` on the received rows (the caller casts to its dtype), and the payload's own form of
+        them (None without a payload)."""
+        return (tensors[0], None) if self.payload is None else self.payload.unpack(tensors)
 
     # ---- public interface ---------------------------------------------------------------------------------
-    def dispatch(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
-        """h [N, dim], idx [N, K] global expert ids, weights [N, K] -> (rows [R, dim], local ids [R, K],
-        row weights [R, K] fp32, layout)."""
+    def dispatch(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> Dispatched:
+        """h [N, dim], idx [N, K] global expert ids, weights [N, K] -> a `Dispatched`: rows [R, dim], local ids
+        [R, K], row weights [R, K] fp32, the layout, the payload's form of the rows."""
         return self.dispatch_async(h, idx, weights).wait()
 
     def combine(self, y: torch.Tensor, layout: DispatchLayout) -> torch.Tensor:
@@ -188,19 +215,17 @@ class ExpertParallelDispatcher:
         layout = self._plan(idx, weights)
         packed = [t.contiguous() for t in self.pack(h.detach())]
         row_bytes = sum(t.element_size() * math.prod(t.shape[1:]) for t in packed)
-        cross_rows = sum(s.cross_node_rows for s in layout.stages)
+        cross_rows = sum(s.cross_node_rows for s in layout.hops)
         self._stats["dispatches"] += 1
         self._stats["dispatch_rows"] += layout.local_ids.shape[0]
         self._stats["tokens"] += layout.n_tokens
         self._stats["cross_node_bytes"] += cross_rows * row_bytes
 
-        def finish(tensors: list[torch.Tensor]):
-            unpacked = self.unpack(tensors)
+        def finish(tensors: list[torch.Tensor]) -> Dispatched:
+            unpacked, packed = self.unpack(tensors)
             rows, row_weights = _Dispatch.apply(h, weights, (self, layout, unpacked.to(h.dtype),
                                                              layout.row_weights.clone()))
-            if hasattr(unpacked, "fp8"):  # the payload's FP8 form of the rows travels on with them (fp8/recipe.py)
-                rows.fp8 = unpacked.fp8
-            return rows, layout.local_ids, row_weights, layout
+            return Dispatched(rows, layout.local_ids, row_weights, layout, packed)
 
         return CommHandle(self._dispatch_flow(layout, packed), finish, self._waited)
 
@@ -230,41 +255,41 @@ class ExpertParallelDispatcher:
         w_bits = weights.detach().float().contiguous().view(torch.int32)  # (N, K) fp32 bits
         tok = torch.arange(n, dtype=torch.int32)
         src = torch.stack([torch.full((n,), self.rank, dtype=torch.int32), tok], 1)  # (N, 2) source rank, token
-        if self._two_stage:
-            # stage 1: one row per (token, destination node), to the rank with our local index there
+        if self._two_hop:
+            # hop 1: one row per (token, destination node), to the rank with our local index there
             per_node = self.per_rank * self.gpus_per_node
             node_of = idx // per_node  # (N, K)
             node, tok1 = _pairs(node_of, self.n_nodes)  # (S1,) sorted by node, then token
             here = node_of[tok1] == node[:, None]  # (S1, K)
             meta = torch.cat([torch.where(here, idx[tok1], -1).int(), w_bits[tok1].masked_fill(~here, 0),
                               src[tok1]], 1)  # (S1, 2K+2): global ids, weight bits, source
-            stage1, meta = self._exchange(tok1, node * self.gpus_per_node + self.rank % self.gpus_per_node,
+            hop1, meta = self._exchange(tok1, node * self.gpus_per_node + self.rank % self.gpus_per_node,
                                           meta, n)
-            # stage 2 (inside the node): one row per (received row, rank holding any of its experts)
+            # hop 2 (inside the node): one row per (received row, rank holding any of its experts)
             gid = meta[:, :k].long()  # (R1, K), -1 = expert on another node
-            stages = [stage1]
+            hops = [hop1]
             dest_of = torch.where(gid >= 0, gid // self.per_rank, self.ep)  # (R1, K), ep = nowhere
             ids, row_w, src = gid, meta[:, k:2 * k], meta[:, 2 * k:]
             n_in = meta.shape[0]
         else:
-            dest_of, ids, row_w, n_in, stages = idx // self.per_rank, idx, w_bits, n, []
+            dest_of, ids, row_w, n_in, hops = idx // self.per_rank, idx, w_bits, n, []
         dest, row = _pairs(dest_of, self.ep)  # (S,) sorted by destination rank, then row
         here = dest_of[row] == dest[:, None]  # (S, K)
         local = torch.where(here, ids[row] - dest[:, None] * self.per_rank, -1).int()
         meta = torch.cat([local, row_w[row].masked_fill(~here, 0), src[row]], 1)  # (S, 2K+2)
-        stage, meta = self._exchange(row, dest, meta, n_in)
-        stages.append(stage)
+        hop, meta = self._exchange(row, dest, meta, n_in)
+        hops.append(hop)
         src_rank, src_token = meta[:, 2 * k].long(), meta[:, 2 * k + 1].long()  # (R,)
         perm = None
-        if self._two_stage:  # arrivals are grouped by relay: restore (source rank, token) order
+        if self._two_hop:  # arrivals are grouped by relay: restore (source rank, token) order
             perm = torch.argsort(src_rank * (1 << 32) + src_token)
             meta, src_rank, src_token = meta[perm], src_rank[perm], src_token[perm]
-        return DispatchLayout(n_tokens=n, stages=stages, perm=perm, local_ids=meta[:, :k].long(),
+        return DispatchLayout(n_tokens=n, hops=hops, perm=perm, local_ids=meta[:, :k].long(),
                               row_weights=meta[:, k:2 * k].contiguous().view(torch.float32),
                               src_rank=src_rank, src_token=src_token)
 
     def _exchange(self, index: torch.Tensor, dest: torch.Tensor, meta: torch.Tensor, n_in: int
-                  ) -> tuple[Stage, torch.Tensor]:
+                  ) -> tuple[Hop, torch.Tensor]:
         """Count exchange, then metadata exchange, for send rows `index` going to ranks `dest` (sorted)."""
         send = torch.bincount(dest, minlength=self.ep)  # (ep,)
         recv = torch.empty_like(send)
@@ -273,9 +298,9 @@ class ExpertParallelDispatcher:
         meta_in = meta.new_empty((sum(recv_l), meta.shape[1]))
         dist.all_to_all_single(meta_in, meta.contiguous(), recv_l, send_l, group=self.group)
         cross = sum(c for r, c in enumerate(send_l) if r // self.gpus_per_node != self.node)
-        return Stage(index=index, send=send_l, recv=recv_l, n_in=n_in, cross_node_rows=cross), meta_in
+        return Hop(index=index, send=send_l, recv=recv_l, n_in=n_in, cross_node_rows=cross), meta_in
 
-    # ---- payload flows (generators yielding the works in flight of each stage) ----------------------------
+    # ---- payload flows (generators yielding the works in flight of each hop) ----------------------------
     def _a2a(self, tensors: list[torch.Tensor], send: list[int], recv: list[int]):
         outs, works = [], []
         for t in tensors:
@@ -294,25 +319,25 @@ class ExpertParallelDispatcher:
         return outs, works
 
     def _dispatch_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor]) -> Flow:
-        """Per-token tensors [N, ...] -> per-row tensors [R, ...] (forward stage by stage)."""
-        for stage in layout.stages:
-            tensors, works = self._a2a([t.index_select(0, stage.index) for t in tensors], stage.send, stage.recv)
+        """Per-token tensors [N, ...] -> per-row tensors [R, ...] (forward hop by hop)."""
+        for hop in layout.hops:
+            tensors, works = self._a2a([t.index_select(0, hop.index) for t in tensors], hop.send, hop.recv)
             yield works
         if layout.perm is not None:
             tensors = [t.index_select(0, layout.perm) for t in tensors]
         return tensors
 
     def _combine_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor]) -> Flow:
-        """Per-row tensors [R, ...] -> per-token fp32 sums [N, ...] (stages reversed, relays sum first)."""
+        """Per-row tensors [R, ...] -> per-token fp32 sums [N, ...] (hops reversed, relays sum first)."""
         dtypes = [t.dtype for t in tensors]
-        if layout.perm is not None:  # back to the last stage's arrival order
+        if layout.perm is not None:  # back to the last hop's arrival order
             tensors = [torch.empty_like(t).index_copy_(0, layout.perm, t) for t in tensors]
-        for i, stage in enumerate(reversed(layout.stages)):
-            tensors, works = self._a2a(tensors, stage.recv, stage.send)
+        for i, hop in enumerate(reversed(layout.hops)):
+            tensors, works = self._a2a(tensors, hop.recv, hop.send)
             yield works
-            last = i == len(layout.stages) - 1
-            tensors = [torch.zeros((stage.n_in, *t.shape[1:]), dtype=torch.float32)
-                       .index_add_(0, stage.index, t.float()).to(torch.float32 if last else dt)
+            last = i == len(layout.hops) - 1
+            tensors = [torch.zeros((hop.n_in, *t.shape[1:]), dtype=torch.float32)
+                       .index_add_(0, hop.index, t.float()).to(torch.float32 if last else dt)
                        for t, dt in zip(tensors, dtypes)]  # relays send partial sums in the payload dtype
         return tensors
 

@@ -12,42 +12,44 @@ Modelled duration of one exchange from a rank: latency + max(intra-node bytes / 
 bytes / cross bandwidth) (the two kinds of links work in parallel). Pipeline receives are timed from when they
 are posted, since the sender's time is not known to the receiver.
 
-Config: `parallel.fabric` is null (off) or a mapping with `intra_gbps`, `inter_gbps` (GB/s, 1e9 bytes) and
-optionally `latency_us`.
+Config: `parallel.fabric` is null (off) or a mapping of this file's `Fabric` fields, e.g.
+`parallel.fabric={intra_gbps: 160, inter_gbps: 50, latency_us: 5}`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Any
 
-from model.config import ConfigError
+from core.config import Config, ConfigError, from_dict
 
 
 @dataclass(frozen=True)
-class Fabric:
-    intra_gbps: float
-    inter_gbps: float
-    latency_us: float = 0.0
+class Fabric(Config):
+    """The simulated links (the `parallel.fabric` config group's value)."""
+
+    prefix = "parallel.fabric"
+
+    intra_gbps: float  # GB/s (1e9 bytes) per rank to ranks of its own (simulated) node: the paper's NVLink, 160
+    inter_gbps: float  # GB/s per rank to ranks of other nodes: the paper's InfiniBand, 50
+    latency_us: float = 0.0  # microseconds added to every exchange
+
+    def __post_init__(self) -> None:
+        for key in ("intra_gbps", "inter_gbps", "latency_us"):
+            value = getattr(self, key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or value < 0 or (key != "latency_us" and value == 0):
+                raise ConfigError(f"parallel.fabric.{key}={f'{value:g}' if number else repr(value)}: must be a "
+                                  "positive number"
+                                  + (" (or 0)" if key == "latency_us" else ""))
 
     @classmethod
-    def from_config(cls, values: dict | None) -> Fabric | None:
-        """None for null (no simulated fabric); a ConfigError naming parallel.fabric.<key> for bad values."""
-        if values is None:
-            return None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        missing = sorted({"intra_gbps", "inter_gbps"} - set(values))
-        if unknown or missing:
-            raise ConfigError(f"parallel.fabric: unknown keys {unknown}, missing {missing}; give intra_gbps and "
-                              "inter_gbps (GB/s) and optionally latency_us, e.g. {intra_gbps: 160, inter_gbps: 50}, "
-                              "or null for none")
-        for key in known & set(values):
-            value = values[key]
-            if not isinstance(value, (int, float)) or value < 0 or (key != "latency_us" and value == 0):
-                raise ConfigError(f"parallel.fabric.{key}={value!r}: must be a positive number"
-                                  + (" (or 0)" if key == "latency_us" else ""))
-        return cls(**{k: float(v) for k, v in values.items()})
+    def from_config(cls, values: Any) -> Fabric | None:
+        """None for null (no simulated fabric), a Fabric as it is, or one from a mapping of its fields."""
+        if values is None or isinstance(values, Fabric):
+            return values
+        return from_dict(cls, values, cls.prefix)
 
     def seconds(self, intra_bytes: int, inter_bytes: int) -> float:
         """Modelled duration of one exchange that sends these bytes from one rank."""

@@ -16,26 +16,31 @@ pp 2, ep 2, gpus_per_node 4:
                                              PP groups  [0 4] [1 5] [2 6] [3 7]   (ordered by stage)
                                              mirror pairs and embedding groups: the PP groups here
 
-DualPipe (next milestone, DESIGN.md) keeps two copies of each stage: pipeline position s holds stages s
-and PP-1-s, so positions s and PP-1-s with the same dp_rank form a mirror pair whose gradients are summed
-(for odd PP the middle position pairs with itself). The embedding (stage 0) and the output head + MTP (last
-stage) therefore sit together on positions 0 and PP-1: the embedding group is that pair, the ranks whose
-embedding, head and MTP gradients are summed (the rank alone when PP = 1; middle positions are in none).
-Both groups are built now so that the next milestone uses the same grid.
+DualPipe keeps two copies of each stage: pipeline position s holds stages s and PP-1-s, so positions s and
+PP-1-s with the same dp_rank form a mirror pair whose gradients are summed (for odd PP the middle position pairs
+with itself). The embedding (stage 0) and the output head + MTP (last stage) therefore sit together on positions
+0 and PP-1: the embedding group is that pair, the ranks whose embedding, head and MTP gradients are summed (the
+rank alone when PP = 1; middle positions are in none).
+
+`GridLayout` is the arithmetic alone (tests and the planner use it without processes); `ProcessGrid` is a layout
+with this process's groups, backend and device, and the one place the rest of the code asks for any of them. A
+one-process run has a grid too: world 1, every group None (nothing to communicate), so the loop has no branch
+on the world size.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from core.config import ConfigError
 from parallel.config import ParallelConfig
 
-__all__ = ["GridLayout", "ProcessGrid", "init"]
+__all__ = ["GridLayout", "ProcessGrid", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class GridLayout:
 
     @classmethod
     def of(cls, world_size: int, cfg: ParallelConfig, rank: int) -> GridLayout:
-        cfg.validate(world_size)
+        """The layout of `rank`; `cfg` must be valid for `world_size` (ParallelConfig.validate)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside the world of {world_size} ranks")
         dp = world_size // cfg.pp
@@ -154,37 +159,30 @@ class GridLayout:
         return mine
 
 
-class ProcessGrid:
-    """The grid's groups for this process. Build it after (or instead of) `dist.init_process_group`.
+def _group(kind: str) -> property:
+    return property(lambda grid: grid.groups.get(kind), doc=f"this rank's {kind} group (None: no such group here)")
 
-    `spec` is this rank's `GridLayout`; `<kind>_ranks` the members of its `<kind>_group` (kinds dp, pp, ep, edp,
-    mirror, embed; `embed_group`/`embed_ranks` are None on middle pipeline positions)."""
 
-    def __init__(self, layout: GridLayout, cfg: ParallelConfig, backend: str, device: torch.device) -> None:
-        self.spec, self.cfg, self.backend, self.device = layout, cfg, backend, device
-        self.world_size, self.rank = layout.world_size, layout.rank
-        self.pp, self.dp, self.ep, self.edp = layout.pp, layout.dp, layout.ep, layout.edp
-        self.pp_rank, self.dp_rank, self.ep_rank, self.edp_rank = (layout.pp_rank, layout.dp_rank, layout.ep_rank,
-                                                                   layout.edp_rank)
-        self.gpus_per_node, self.node, self.n_nodes = cfg.gpus_per_node, layout.node, layout.n_nodes
-        self.local_rank = layout.local_rank
-        self.nodes_in_ep, self.dispatch = layout.nodes_in_ep, cfg.dispatch
-        self.dp_group = self._new_groups(layout.dp_groups())
-        self.pp_group = self._new_groups(layout.pp_groups())
-        self.ep_group = self._new_groups(layout.ep_groups())
-        self.edp_group = self._new_groups(layout.edp_groups())
-        self.mirror_group = self._new_groups(layout.mirror_groups())
-        self.embed_group = self._new_groups(layout.embed_groups())
-        self.dp_ranks, self.pp_ranks, self.ep_ranks = layout.dp_ranks, layout.pp_ranks, layout.ep_ranks
-        self.edp_ranks, self.mirror_ranks, self.embed_ranks = layout.edp_ranks, layout.mirror_ranks, layout.embed_ranks
+@dataclass(frozen=True)
+class ProcessGrid(GridLayout):
+    """A `GridLayout` with this process's groups: `<kind>_group` for the kinds dp, pp, ep, edp, mirror and embed
+    (`embed_group` is None on middle pipeline positions; every group is None in a one-process run), the backend
+    ("nccl", "gloo", or None without a process group) and the device every tensor of this rank lives on."""
 
-    def _new_groups(self, groups: list[list[int]]) -> dist.ProcessGroup | None:
-        mine = None
-        for ranks in groups:  # every rank creates every group, in the same order
-            group = dist.new_group(ranks, timeout=timedelta(seconds=self.cfg.timeout_s))
-            if self.rank in ranks:
-                mine = group
-        return mine
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+    groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict, compare=False, repr=False)
+
+    dp_group = _group("dp")
+    pp_group = _group("pp")
+    ep_group = _group("ep")
+    edp_group = _group("edp")
+    mirror_group = _group("mirror")
+    embed_group = _group("embed")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     @staticmethod
     def layout(world_size: int, cfg: ParallelConfig, rank: int) -> GridLayout:
@@ -192,26 +190,61 @@ class ProcessGrid:
         return GridLayout.of(world_size, cfg, rank)
 
     @classmethod
-    def build(cls, cfg: ParallelConfig) -> ProcessGrid:
-        """Validate the layout against the world size, join the default process group (initialising it from
-        torchrun's environment if needed), then create every group. nccl on GPUs, gloo on CPU."""
+    def build(cls, cfg: ParallelConfig, device: str = "auto") -> ProcessGrid:
+        """This process's grid for a layout already validated for the world size (RunConfig.validate): alone when
+        no process group exists and WORLD_SIZE is 1, else join the default process group (initialising it from
+        torchrun's environment if needed: nccl on a CUDA device, gloo on the CPU) and create every group.
+        `device`: trainer.device (auto = this rank's GPU, LOCAL_RANK, when CUDA is available)."""
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        cfg.validate(world)  # raises before any group exists
         layout = GridLayout.of(world, cfg, rank)
-        device = init(cfg)
-        return cls(layout, cfg, dist.get_backend(), device)
+        place = resolve_device(device)
+        if world == 1 and not dist.is_initialized():
+            return cls(**_fields(layout), backend=None, device=place, groups={})
+        if place.type == "cuda":
+            torch.cuda.set_device(place)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if place.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=cfg.timeout_s))
+        timeout = timedelta(seconds=cfg.timeout_s)
+        groups = {kind: _new_groups(getattr(layout, f"{kind}_groups")(), rank, timeout)
+                  for kind in ("dp", "pp", "ep", "edp", "mirror", "embed")}
+        return cls(**_fields(layout), backend=dist.get_backend(), device=place, groups=groups)
+
+    def describe(self, schedule: str, dispatch: str) -> str:
+        """The layout line the trainer prints first."""
+        if self.world_size == 1:
+            return f"1 process, device {self.device}"
+        pipe = f"PP={self.pp} ({schedule}) x " if self.pp > 1 else ""
+        return (f"{self.world_size} processes: {pipe}DP={self.dp} (ZeRO-1) x EP={self.ep} on {self.n_nodes} "
+                f"simulated node(s) of {self.gpus_per_node} ranks, backend {self.backend}, dispatch {dispatch}, "
+                f"device {self.device}")
+
+    def close(self) -> None:
+        """Leave the process group after a finished run (all ranks), so that no communication thread is still
+        running when the interpreter exits (which aborts the process)."""
+        if self.backend is not None and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
-def init(cfg: ParallelConfig) -> torch.device:
-    """This process's device, and the default process group from torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) unless it already exists: nccl with the GPU LOCAL_RANK when CUDA is
-    available, else gloo on CPU; collectives time out after `cfg.timeout_s`."""
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cpu")
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=cfg.timeout_s))
-    return device
+def _fields(layout: GridLayout) -> dict:
+    return {f.name: getattr(layout, f.name) for f in fields(GridLayout)}
+
+
+def _new_groups(groups: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup | None:
+    mine = None
+    for ranks in groups:  # every rank creates every group, in the same order
+        group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def resolve_device(name: str) -> torch.device:
+    """trainer.device: auto (this rank's GPU, LOCAL_RANK, when CUDA is available, else the CPU), cpu or cuda."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

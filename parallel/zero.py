@@ -11,17 +11,17 @@ Layout (Megatron conventions, /work/shared/notes/references.md):
   expert-data-parallel group (the ranks that hold the same experts: DP / EP of them, strided in rank order).
 - Each shard keeps an fp32 master copy of its slice of the parameters and the two moments in
   `cfg.moment_dtype`, and the list of (start, end, weight decay) runs that tell which elements are matrices
-  (decayed) and which are vectors (not), the rule of `trainer.optim.AdamW`.
+  (decayed) and which are vectors (not), the rule of `optim.adamw.weight_decay_of`.
 
 One step:
-1. the gradients (`trainer.optim.grad_of`: the fp32 `main_grad` when present) are copied into a transient fp32
+1. the gradients (`model.grads.grad_of`: the fp32 `main_grad` when present) are copied into a transient fp32
    flat buffer and reduce-scattered (`reduce_scatter_single`, torch 2.13's name for reduce_scatter_tensor; gloo
    runs it for fp32 and bf16, as it does all_gather_single): each rank receives the summed gradient of its own
    shard. The reduction is done in fp32, not in the parameter dtype: the paper keeps weight gradients in fp32
    (3.3), and a bf16 reduce-scatter would round every partial sum to 8 significant bits. The buffer is freed
    right after.
 2. the global gradient norm is computed from the reduced shards and the shards are clipped;
-3. `trainer.optim.adamw_update` runs on the fp32 master shards (it is elementwise, so flat slices are fine);
+3. `optim.adamw.adamw_update` runs on the fp32 master shards (it is elementwise, so flat slices are fine);
 4. the updated shards are rounded to the parameter dtype and all-gathered back into the parameters.
 
 Gradient averaging. The trainer's loss on rank r, L_r, is the mean over its local micro-batches; the global
@@ -38,16 +38,16 @@ EP x expert-DP = DP ranks partition all experts. Hence one all-reduce SUM of the
 group counts every element of the model exactly once (with pp = 1). Pipeline stages hold different layers, so
 with PP the sum also runs over `extra_group` (the pipeline group).
 
-Checkpoints. The state is named with the keys of `trainer.optim.AdamW.state_dict` (`master.<name>` for non-fp32
+Checkpoints. The state is named with the keys of optim/optimizer.py (`master.<name>` for non-fp32
 parameters, `exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`), so one checkpoint serves the single-process
 AdamW and ZeRO with any DP size. `shards` returns what this rank holds, as ranges of each flattened parameter,
 and `load_shards` reads back just this rank's ranges, so checkpoints are written and read by every rank in
-parallel without gathering anything (trainer/checkpoint.py). `full_state_dict` gathers whole tensors (for
+parallel without gathering anything (trainer/shards.py). `full_state_dict` gathers whole tensors (for
 tests and tools). Expert parameters are named and shaped as the model holds them: the LOCAL experts of this EP
-rank ([E/EP, ...]); `parallel.runtime.Runtime` maps their ranges into the full expert tensors.
+rank ([E/EP, ...]); trainer/shards.py maps their ranges into the full expert tensors.
 
 A parameter whose gradient is None counts as a zero gradient (its moments still decay and weight decay applies),
-as in Megatron; `trainer.optim.AdamW` skips it instead. In training every trained parameter gets a gradient.
+as in Megatron; `optim.adamw.AdamW` skips it instead. In training every trained parameter gets a gradient.
 """
 
 from __future__ import annotations
@@ -60,7 +60,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from trainer.optim import MOMENT_DTYPES, OptimConfig, adamw_update, grad_norm_sq, grad_of
+from core.config import torch_dtype
+from model.grads import grad_of
+from optim.adamw import AdamW, adamw_update, weight_decay_of
+from optim.config import OptimConfig
+from optim.optimizer import Optimizer, Read, ShapeOf, grad_norm_sq
+from parallel.expert import is_expert_param
+from parallel.grid import ProcessGrid
 
 
 @dataclass
@@ -118,12 +124,12 @@ class _Bucket:
         return self.shard_size * self.group.size
 
 
-class ZeroOptimizer:
+class ZeroOptimizer(Optimizer):
     """ZeRO-1 AdamW: fp32 master weights and moments sharded over data-parallel ranks (see the module docstring).
 
     `dp_group`: the data-parallel group (None: the default group, or no communication when torch.distributed is
     not initialised). `expert_dp_group`: the expert-data-parallel group of this rank (None: the same as
-    `dp_group`, i.e. EP = 1). `is_expert(name)` tells routed-expert parameters (`parallel.apply.is_expert_param`).
+    `dp_group`, i.e. EP = 1). `is_expert(name)` tells routed-expert parameters (`parallel.expert.is_expert_param`).
     `grad_scale_expert` multiplies expert gradients on top of the 1/DP average (1.0 with the trainer's loss
     convention). `extra_group`: a further group the gradient norm is summed over (the pipeline group with PP).
     `norm_share(name)`: the fraction of a parameter's squared gradient this rank counts in the global norm (1 by
@@ -136,7 +142,7 @@ class ZeroOptimizer:
                  is_expert: Callable[[str], bool], grad_scale_expert: float = 1.0,
                  extra_group: dist.ProcessGroup | None = None,
                  norm_share: Callable[[str], float] | None = None) -> None:
-        self.cfg = cfg.validate()
+        super().__init__(named_params, cfg)
         self.dp = _Group.of(dp_group)
         self.expert_dp = _Group.of(expert_dp_group) if expert_dp_group is not None else self.dp
         self.extra = _Group.of(extra_group) if extra_group is not None else None
@@ -144,20 +150,8 @@ class ZeroOptimizer:
             raise ValueError(f"ZeroOptimizer: the expert-DP group size {self.expert_dp.size} must divide the DP "
                              f"size {self.dp.size} (DP = EP x expert-DP)")
         self.grad_scale_expert = grad_scale_expert
-        self.params: dict[str, nn.Parameter] = {}
-        owner: dict[int, str] = {}
         classes: dict[tuple[torch.dtype, bool], list[str]] = {}
-        for name, p in named_params:
-            if not p.requires_grad:
-                continue
-            if name in self.params or id(p) in owner:
-                raise ValueError(f"ZeroOptimizer: parameter {name!r} given twice (or the same tensor as "
-                                 f"{owner.get(id(p), name)!r}); pass model.named_parameters(), which deduplicates")
-            if not p.is_floating_point():
-                raise ValueError(f"ZeroOptimizer: parameter {name!r} has dtype {p.dtype}; only float parameters "
-                                 "train")
-            owner[id(p)] = name
-            self.params[name] = p
+        for name, p in self.params.items():
             classes.setdefault((p.dtype, bool(is_expert(name))), []).append(name)
         self.buckets: list[_Bucket] = [self._build_bucket(dtype, expert, names)
                                        for (dtype, expert), names in classes.items()]
@@ -180,7 +174,7 @@ class ZeroOptimizer:
             numel += self.params[name].numel()
         b = _Bucket(dtype, expert, group, names, offsets, numel, shard_size=max(1, math.ceil(numel / group.size)))
         lo_shard, hi_shard = b.shard_start, b.shard_start + b.shard_size
-        moment_dtype = MOMENT_DTYPES[self.cfg.moment_dtype]
+        moment_dtype = torch_dtype(self.cfg.moment_dtype)
         b.master = torch.zeros(b.shard_size, dtype=torch.float32)  # padding stays 0 forever (zero grad, zero update)
         b.exp_avg = torch.zeros(b.shard_size, dtype=moment_dtype)
         b.exp_avg_sq = torch.zeros(b.shard_size, dtype=moment_dtype)
@@ -192,7 +186,7 @@ class ZeroOptimizer:
             seg = _Segment(name, lo - lo_shard, hi - lo_shard, lo - off)
             b.segments.append(seg)
             b.master[seg.lo:seg.hi] = p.detach().reshape(-1)[seg.start:seg.start + hi - lo].float()
-            wd = self.cfg.weight_decay if p.ndim >= 2 else 0.0  # trainer.optim.AdamW's rule
+            wd = weight_decay_of(p, self.cfg)
             if b.runs and b.runs[-1][1] == seg.lo and b.runs[-1][2] == wd:
                 b.runs[-1] = (b.runs[-1][0], seg.hi, wd)  # merge neighbours: fewer, longer update calls
             else:
@@ -235,7 +229,7 @@ class ZeroOptimizer:
         return sq.sqrt()
 
     @torch.no_grad()
-    def step(self, lr: float, max_norm: float) -> float:
+    def step(self, lr: float, max_norm: float = 0.0) -> float:
         """Reduce the gradients, clip them at `max_norm` (0 = no clip), update the shards with AdamW and gather
         the parameters. Returns the gradient norm before clipping; a non-finite norm skips the update (the
         parameters and the state stay untouched) and is returned as it is."""
@@ -246,7 +240,7 @@ class ZeroOptimizer:
             if not torch.isfinite(norm):
                 return float(norm)
             if max_norm > 0 and norm > max_norm:
-                scale = max_norm / (norm + 1e-6)  # as trainer.optim.clip_grad_norm_ (and torch)
+                scale = max_norm / (norm + 1e-6)  # as optim.optimizer.clip_grad_norm_ (and torch)
                 for b in self.buckets:
                     b.grad_shard.mul_(scale)
             for b in self.buckets:
@@ -275,10 +269,9 @@ class ZeroOptimizer:
                 p.copy_(full[off:off + p.numel()].view(p.shape))
 
     def zero_grad(self) -> None:
-        for p in self.params.values():
-            p.grad = None
-            if hasattr(p, "main_grad"):
-                p.main_grad = None
+        super().zero_grad()
+        for b in self.buckets:  # a step skipped after grad_norm() must not leave its reduced shards to the next
+            b.grad_shard = None
 
     # ---- memory ------------------------------------------------------------------------------------------------
 
@@ -287,14 +280,14 @@ class ZeroOptimizer:
         transient gradient buffers excluded)."""
         return sum(t.nbytes for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq))
 
-    # ---- checkpoints: full per-parameter tensors (trainer.optim.AdamW's keys) --------------------------------
+    # ---- checkpoints: full per-parameter tensors (optim.adamw.AdamW's keys) --------------------------------
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, Tensor]:
-        """`trainer.optim.AdamW.state_dict()`'s keys and shapes: `master.<name>` (non-fp32 parameters only),
+        """`optim.adamw.AdamW.state_dict()`'s keys and shapes: `master.<name>` (non-fp32 parameters only),
         `exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`, gathered over each bucket's group (copies).
         Expert entries are this EP rank's local experts, shaped as the model's parameter; assemble them over EP
-        with `parallel.apply.full_state`. Collective: every rank of the DP group must call it."""
+        over the EP group yourself (tests do). Collective: every rank of the DP group must call it."""
         gathered: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         for i, b in enumerate(self.buckets):
             gathered[i] = tuple(self._gather(b, t) for t in (b.master, b.exp_avg, b.exp_avg_sq))
@@ -322,7 +315,7 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load full per-parameter tensors (a `full_state_dict()` or `trainer.optim.AdamW.state_dict()`, from any
+        """Load full per-parameter tensors (a `full_state_dict()` or `optim.adamw.AdamW.state_dict()`, from any
         DP size), keeping this rank's shard. See `load_shards`."""
         self.load_shards({k: t.shape for k, t in state.items()}, lambda key, a, z: state[key].reshape(-1)[a:z])
 
@@ -362,20 +355,13 @@ class ZeroOptimizer:
         return out
 
     @torch.no_grad()
-    def load_shards(self, shapes: dict[str, torch.Size], read: Callable[[str, int, int], Tensor]) -> None:
+    def load_shards(self, shapes: ShapeOf, read: Read) -> None:
         """Load the state saved under `full_state_dict`'s keys by any layout: `shapes` gives every saved key's
         (local) shape, `read(key, start, end)` the elements [start, end) of that flattened tensor. Each rank reads
         only its own shard ranges. The masters of fp32 parameters are the parameters themselves (as in AdamW):
         load the model weights first. Names and shapes are checked before anything is written. Collective (the
         final parameter gather)."""
-        expected: dict[str, torch.Size] = {}
-        for name, p in self.params.items():
-            if p.dtype != torch.float32:
-                expected[f"master.{name}"] = p.shape
-            expected[f"exp_avg.{name}"] = p.shape
-            expected[f"exp_avg_sq.{name}"] = p.shape
-            expected[f"step.{name}"] = torch.Size([])
-        _check_keys(expected, {k: torch.Size(s) for k, s in shapes.items()})
+        self.check_state(shapes)
         steps = {id(b): self._bucket_step(b, {name: int(read(f"step.{name}", 0, 1)[0]) for name in b.names})
                  for b in self.buckets}
         for b in self.buckets:
@@ -390,21 +376,13 @@ class ZeroOptimizer:
         self._gather_params()
 
 
-def _check_keys(expected: dict[str, torch.Size], given: dict[str, torch.Size]) -> None:
-    """Name and shape checks of a full optimizer state, with the same message as trainer.optim.AdamW."""
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    mismatched = [f"{key} {tuple(given[key])} (expected {tuple(expected[key])})"
-                  for key in sorted(expected.keys() & given.keys()) if given[key] != expected[key]]
-    if missing or unexpected or mismatched:
-        raise ValueError("optimizer state does not fit this model: " + "; ".join(
-            f"{label} {_listing(names)}" for label, names in
-            (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if names)
-            + ". It was saved for another model config or trainer.dtype (master.* entries exist only for "
-            "non-fp32 parameters), or expert entries for another expert-parallel size; resume with the config "
-            "it was written with")
-
-
-def _listing(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}]"
+def build_optimizer(model: nn.Module, grid: ProcessGrid, norm_share: Callable[[str], float] | None,
+                    cfg: OptimConfig) -> Optimizer:
+    """The run's optimizer: AdamW in one process (the reference), ZeRO-1 over the grid's data-parallel groups
+    otherwise; with a pipeline the norm also sums over the pipeline group, each parameter counted with
+    `norm_share(name)` (the pipeline's: 1 / the number of pipeline ranks holding it)."""
+    if grid.world_size == 1:
+        return AdamW(model.named_parameters(), cfg)
+    piped = grid.pp > 1
+    return ZeroOptimizer(model.named_parameters(), cfg, grid.dp_group, grid.edp_group, is_expert_param,
+                         extra_group=grid.pp_group if piped else None, norm_share=norm_share if piped else None)

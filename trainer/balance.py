@@ -1,9 +1,9 @@
 """The aux-loss-free bias-update loop (paper 2.1.2), run once per optimizer step.
 
-After the last micro-batch's backward and before the optimizer step: collect every MoE layer's token counts
-(main model and MTP), sum them over the data-parallel group (so the load is the whole batch's, as in the
-paper), apply `update_bias` (b += gamma * sign(mean - load)) when balancing is aux-loss-free, and reset
-the counts. MaxVio = max load / mean load - 1 (Wang et al. 2024) is reported per layer and averaged.
+After the optimizer step (trainer/train.py; the new bias changes routing from the next step on): collect every
+MoE layer's token counts of the step (main model and MTP), sum them over the data-parallel group (so the load is
+the whole batch's, as in the paper), apply `update_bias` (b += gamma * sign(mean - load)) when balancing is
+aux-loss-free, and reset the counts. MaxVio = max load / mean load - 1 (Wang et al. 2024) is reported per layer and averaged.
 
 Under pipeline parallelism each rank holds some layers' routers. Where several pipeline ranks hold copies of
 a layer (DualPipe), each copy counted only the micro-batches it ran: the counts are summed over the copies too
@@ -17,12 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import Gate, update_bias
-
-
-def moe_gates(model: nn.Module) -> dict[str, Gate]:
-    """Every router of the model, keyed by its module path (e.g. "layers.5.ffn.gate", "mtp.0.block.ffn.gate")."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, Gate)}
+from model.moe import gates, update_bias
 
 
 def max_violation(load: torch.Tensor) -> float:
@@ -39,7 +34,7 @@ class BiasBalancer:
         when torch.distributed is initialised, else this process alone); replicas: (router names, group of the
         pipeline ranks holding copies of them), the same names in the same order on every rank of that group;
         report_group: the pipeline group, whose ranks' MaxVio reports are merged."""
-        self.gates = dict(sorted(moe_gates(model).items()))
+        self.gates = dict(sorted(gates(model).items()))
         self.update = update
         self.group = group
         self.replicas = [(sorted(names), g) for names, g in replicas]

@@ -1,33 +1,53 @@
-"""The run's configuration: one dataclass per Hydra group (configs/<group>/), validated before anything
-starts (DESIGN.md principle 7). `load_config` turns a composed Hydra config into a `RunConfig`, rejecting
-unknown keys by name and checking the rules that span groups.
+"""The run's configuration: one dataclass per Hydra group (configs/<group>/), registered as Hydra structured configs,
+and validated once, in one call, before anything starts (DESIGN.md principle 7).
+
+`RunConfig` is the root schema (`SCHEMA` in Hydra's ConfigStore; configs/config.yaml lists it first in its
+defaults), so Hydra itself rejects a wrongly typed value, an unknown choice or an unknown key of any group while it
+composes, and the YAML files hold values only: what each field means is said once, by its comment in its
+dataclass. `load_config` turns a composed config into a `RunConfig`, applies the one resolution step (`resolved`),
+and runs `validate(world_size)`, which checks every group and every rule that spans groups, the model-versus-layout
+rule included. `compose_config` composes the tree with overrides for the tools that do not go through `hai-train`'s
+own Hydra entry (hai-launch, hai-plan, tests) and turns Hydra's errors into one-paragraph ConfigErrors.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from core.config import Config, ConfigError, DType, choice, describe, from_dict
 from data.config import DataConfig
 from fp8.config import FP8Config
-from model.config import ConfigError, ModelConfig, from_dict
-from parallel.config import ParallelConfig
-from trainer.optim import OptimConfig
+from model.config import ModelConfig
+from optim.config import OptimConfig
+from optim.schedules import batch_size_at
+from parallel.config import ParallelConfig, check_model_layout, microbatches_per_step
+from parallel.pipeline.schedule import check_schedule_args
+
+SCHEMA = "hai_train_schema"  # the root schema's name in Hydra's ConfigStore
+CONFIG_MODULE = "configs"  # the Hydra config tree, a package shipped with the code (configs/__init__.py)
+
+Device = choice("Device", "auto cpu cuda", __name__)
+WandbMode = choice("WandbMode", "offline online", __name__)
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Config):
     """The loop: steps, batches, precision, checkpoints, evaluation."""
+
+    prefix = "trainer"
 
     max_steps: int = 300  # optimizer steps
     run_dir: str | None = None  # where checkpoints and metrics go; None = Hydra's output directory
     seed: int = 0  # seeds the model init, the data order and FIM
     micro_batch_size: int = 8  # sequences per forward/backward
     global_batch_size: int = 8  # sequences per optimizer step (after any ramp): micro-batches x DP
-    dtype: str = "fp32"  # compute dtype: bf16 (fp32 master weights, router fp32) | fp32 everywhere
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    dtype: DType = DType("fp32")  # compute dtype: bf16 (fp32 master weights, router fp32) | fp32 everywhere
+    device: Device = Device("auto")  # auto (this rank's GPU when CUDA is present) | cpu | cuda
     checkpoint_every: int = 100  # steps between checkpoints (one is always written at the end); 0 = end only
     keep_checkpoints: int = 3  # complete checkpoints kept (oldest removed first)
     resume: str | None = "auto"  # auto = newest complete checkpoint in run_dir if any | a checkpoint path | None
@@ -43,10 +63,6 @@ class TrainerConfig:
         for name in ("checkpoint_every", "eval_every", "eval_batches", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise ConfigError(f"trainer.dtype: bf16 or fp32, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"trainer.device: auto, cpu or cuda, got {self.device!r}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"trainer.global_batch_size={self.global_batch_size} is not a multiple of "
                               f"trainer.micro_batch_size={self.micro_batch_size}")
@@ -56,29 +72,31 @@ class TrainerConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Config):
     """Where metrics go besides the console and metrics.jsonl."""
+
+    prefix = "logging"
 
     log_every: int = 10  # steps between console progress lines (metrics.jsonl gets every step)
     wandb: bool = False  # also log to Weights & Biases
-    wandb_project: str = "hai-llm"
-    wandb_mode: str = "offline"  # offline (default: nothing leaves the machine) | online
+    wandb_project: str = "hai-llm"  # the W&B project of the run
+    wandb_mode: WandbMode = WandbMode("offline")  # offline (default: nothing leaves the machine) | online
     plot: bool = True  # write loss.png into the run directory at the end
 
     def validate(self) -> LoggingConfig:
         if self.log_every < 1:
             raise ConfigError(f"logging.log_every: must be >= 1, got {self.log_every}")
-        if self.wandb_mode not in ("offline", "online"):
-            raise ConfigError(f"logging.wandb_mode: offline or online, got {self.wandb_mode!r}")
         return self
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(Config):
     """A named bundle of overrides (configs/experiment/*.yaml) for reproducing a setting."""
 
+    prefix = "experiment"
+
     name: str = "tiny"  # names the run directories: runs/<name>/<time>
-    description: str = ""
+    description: str = ""  # one line on what the bundle reproduces
 
     def validate(self) -> ExperimentConfig:
         if not self.name or "/" in self.name:
@@ -88,6 +106,8 @@ class ExperimentConfig:
 
 @dataclass
 class RunConfig:
+    """The whole run: one field per config group."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
@@ -97,61 +117,75 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
+    def resolved(self) -> RunConfig:
+        """The values the run uses where one setting stands for another: while FP8 is on, `fp8.moment_dtype`
+        (the paper's bf16 optimizer storage) replaces `optim.moment_dtype` unless it is null."""
+        if self.fp8.enabled and self.fp8.moment_dtype is not None:
+            return dataclasses.replace(self, optim=dataclasses.replace(self.optim, moment_dtype=self.fp8.moment_dtype))
+        return self
+
     def validate(self, world_size: int = 1) -> RunConfig:
+        """Every group and every rule across groups, for a job of `world_size` processes; the one validation of
+        a run (train() skips it for a config already validated for its world size)."""
         for group in (self.model, self.fp8, self.data, self.optim, self.trainer, self.logging, self.experiment):
             group.validate()
         self.parallel.validate(world_size)
-        if self.fp8.enabled and self.fp8.moment_dtype is not None:  # the paper's optimizer storage under FP8
-            self.optim.moment_dtype = self.fp8.moment_dtype
-            self.optim.validate()
+        check_model_layout(self.parallel, self.model)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}; shorten the sequences or raise max_seq_len")
         dp = world_size // self.parallel.pp
-        if self.trainer.global_batch_size % (self.trainer.micro_batch_size * dp):
-            raise ConfigError(f"trainer.global_batch_size={self.trainer.global_batch_size} is not a multiple of "
-                              f"micro_batch_size x data-parallel size = {self.trainer.micro_batch_size * dp}")
         ramp = self.optim.batch_ramp_start and self.optim.batch_ramp_tokens
         if ramp and self.optim.batch_ramp_start > self.trainer.global_batch_size:
             raise ConfigError(f"optim.batch_ramp_start={self.optim.batch_ramp_start} exceeds "
                               f"trainer.global_batch_size={self.trainer.global_batch_size}; the ramp grows the "
                               "batch, so start below the final size or set optim.batch_ramp_start=0")
         self._check_microbatches(dp)
+        self._validated_for = world_size
         return self
 
-    def _check_microbatches(self, dp: int) -> None:
-        """The pipeline's micro-batches per step: global batch / (micro-batch x DP), at the end of the batch-size
-        ramp and at its start, must suit the schedule (DualPipe: even and at least 2 x pp)."""
-        if self.parallel.pp == 1:
-            return
-        from parallel.pipeline.schedule import check_schedule_args
-        from trainer.optim import batch_size_at
+    def validated_for(self, world_size: int) -> bool:
+        return getattr(self, "_validated_for", None) == world_size
 
-        per_pass = self.trainer.micro_batch_size * dp
-        final = self.trainer.global_batch_size // per_pass
-        if self.parallel.microbatches is not None and self.parallel.microbatches != final:
-            raise ConfigError(f"parallel.microbatches={self.parallel.microbatches} but trainer.global_batch_size="
-                              f"{self.trainer.global_batch_size} / (trainer.micro_batch_size="
-                              f"{self.trainer.micro_batch_size} x DP={dp}) = {final}; set one consistent with the "
-                              "other, or parallel.microbatches=null")
-        first = batch_size_at(self.optim, 0, self.trainer.global_batch_size, per_pass) // per_pass
+    def _check_microbatches(self, dp: int) -> None:
+        """The pipeline's micro-batches per step, at the end of the batch-size ramp and at its start, must suit
+        the schedule (DualPipe: even and at least 2 x pp); parallel.microbatches, when set, must be the first."""
+        t = self.trainer
+        final = microbatches_per_step(self.parallel, t.global_batch_size, t.micro_batch_size, dp)
+        per_pass = t.micro_batch_size * dp
+        first = batch_size_at(self.optim, 0, t.global_batch_size, per_pass) // per_pass
         for n in sorted({first, final}):
             check_schedule_args(self.parallel.schedule, self.parallel.pp, n)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name).to_dict() for name in GROUPS}
 
 
 GROUPS = {"model": ModelConfig, "parallel": ParallelConfig, "fp8": FP8Config, "data": DataConfig,
           "optim": OptimConfig, "trainer": TrainerConfig, "logging": LoggingConfig, "experiment": ExperimentConfig}
 
+ConfigStore.instance().store(name=SCHEMA, node=RunConfig)
+
 
 def load_config(cfg: DictConfig | dict[str, Any], world_size: int = 1) -> RunConfig:
-    """A validated RunConfig from a composed Hydra config (the `hydra` node, if present, is ignored)."""
+    """A resolved, validated RunConfig from a composed Hydra config or a plain mapping of groups (the `hydra`
+    node, if present, is ignored)."""
     values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     values.pop("hydra", None)
     unknown = sorted(set(values) - set(GROUPS))
     if unknown:
         raise ConfigError(f"unknown config group(s) {unknown}; known groups are {sorted(GROUPS)}")
     groups = {name: from_dict(cls, values.get(name) or {}, prefix=name) for name, cls in GROUPS.items()}
-    return RunConfig(**groups).validate(world_size)
+    return RunConfig(**groups).resolved().validate(world_size)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """configs/config.yaml composed with Hydra `overrides`, as hai-train composes it; a bad override, value, key
+    or group option is a ConfigError naming it, the value and what is allowed."""
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+            return compose("config", overrides=overrides)
+    except Exception as err:  # Hydra's composition and override errors share no public base class
+        raise ConfigError(describe(err)) from None

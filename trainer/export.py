@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from model import ConfigError, Transformer
+from core.config import ConfigError
+from model import Transformer
 from model.config import model_config
 from model.hf import save_hf
 from trainer.checkpoint import META, CheckpointError, load_checkpoint, resolve_checkpoint

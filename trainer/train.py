@@ -1,14 +1,21 @@
-"""`hai-train`: the training loop every layout reuses (DESIGN.md principle 5), single process today.
+"""`hai-train`: the training loop, one path for every layout (DESIGN.md principle 5): one process is a grid of one
+rank and a pipeline of one stage.
+
+Building a run (`build`): the data of this DP rank; the whole model from the run's seed (the same on every rank);
+`parallel.parallelize` (pipeline stages, then expert parallelism, then the FP8 recipe, in that order); the model on
+the grid's device in the compute dtype with fp32 main gradients; the optimizer (AdamW in one process, ZeRO-1
+otherwise); the checkpoint geometry of this rank.
 
 One optimizer step (paper 4.2):
-  1. batch size, MTP lambda, bias speed gamma and learning rate from the schedules (trainer/optim.py), keyed
-     by tokens consumed so far;
-  2. micro-batches of packed sequences (data/), forward with the main + MTP loss, backward (the balance loss
-     rides along through autograd, model/moe.py), gradients accumulated;
+  1. batch size, MTP lambda, bias speed gamma and learning rate from the schedules (optim/schedules.py), keyed by
+     tokens consumed so far;
+  2. the step's micro-batches of packed sequences (data/) through this rank's pipeline: forward with the main +
+     MTP loss, backward (the balance loss rides along through autograd, model/moe.py), gradients accumulated;
   3. a non-finite loss or gradient norm stops the run naming the step (or skips the step, up to
      trainer.max_skipped_steps in a row); the last good checkpoint is kept;
-  4. gradient clipping, then the aux-loss-free bias update from the step's expert loads (trainer/balance.py),
-     then AdamW over fp32 master weights, then the CPU EMA;
+  4. gradient clipping and the AdamW update over fp32 master weights (the optimizer's `step`), then the
+     aux-loss-free bias update from this step's expert loads (trainer/balance.py; it changes routing from the
+     next step on), then the CPU EMA;
   5. metrics, validation and atomic checkpoints at their intervals.
 
     hai-train                                   # the main job: configs/config.yaml
@@ -27,53 +34,33 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from core.config import ConfigError, describe, torch_dtype
+from data import DataError
 from data.dataset import DataPipeline, build_data, check_vocab
-from fp8.recipe import apply_recipe
-from model import ConfigError, Transformer
-from model.moe import Gate, MoE
-from parallel.config import check_model_layout
-from parallel.pipeline.schedule import check_schedule_args
-from parallel.runtime import Runtime
+from model import Transformer
+from model.grads import attach_main_grads
+from model.moe import Gate
+from optim.optimizer import Optimizer
+from optim.schedules import batch_size_at, bias_gamma_at, lr_at, mtp_lambda_at
+from parallel.grid import ProcessGrid
+from parallel.parallelize import parallelize
+from parallel.pipeline.pipeline import Batch, Pipeline
+from parallel.zero import build_optimizer
+from trainer import reduce
 from trainer.balance import BiasBalancer
-from trainer.checkpoint import (
-    CheckpointError,
-    CheckpointReader,
-    check_compatible,
-    ensure_writable,
-    latest_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from trainer.config import RunConfig, load_config
+from trainer.checkpoint import CheckpointError, ensure_writable, latest_checkpoint
+from trainer.config import CONFIG_MODULE, RunConfig, compose_config, load_config
 from trainer.ema import EMA
 from trainer.metrics import Metrics
-from trainer.optim import AdamW, attach_main_grads, batch_size_at, bias_gamma_at, clip_grad_norm_, lr_at, mtp_lambda_at
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from trainer.rundir import rank_log, record_config, run_dir_for
+from trainer.shards import Shards, model_index
+from trainer.state import TrainState, restore, resume_from, save
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps taken (or skipped)
-    tokens: int = 0  # training tokens consumed
-    skipped_in_row: int = 0  # consecutive steps skipped for a non-finite loss
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
-    return torch.device(name)
 
 
 def cast_for_compute(model: Transformer, dtype: torch.dtype) -> None:
@@ -85,115 +72,50 @@ def cast_for_compute(model: Transformer, dtype: torch.dtype) -> None:
                 p.data = p.data.to(dtype)
 
 
-def build(cfg: RunConfig, rt: Runtime, device: torch.device) -> tuple[Transformer, object, DataPipeline]:
-    """Data for this DP rank, the model (same seed everywhere, then parallelised), its optimizer."""
+@dataclass
+class Run:
+    """What one rank trains with."""
+
+    model: Transformer
+    pipeline: Pipeline
+    opt: Optimizer
+    data: DataPipeline
+    shards: Shards
+
+
+def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
     torch.manual_seed(cfg.trainer.seed)
-    data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=rt.dp_rank, dp_size=rt.dp)
+    data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=grid.dp_rank, dp_size=grid.dp)
     check_vocab(data.vocab_size, cfg.model.vocab_size)
     model = Transformer(cfg.model)
-    rt.parallelize(model)
-    apply_recipe(model, cfg.fp8)
-    model.to(device)
-    cast_for_compute(model, DTYPES[cfg.trainer.dtype])
-    if rt.pipeline is not None:
-        rt.pipeline.to(device, DTYPES[cfg.trainer.dtype])
+    shapes, params = model_index(model)
+    dtype = torch_dtype(cfg.trainer.dtype)
+    pipeline = parallelize(model, grid, cfg.parallel, cfg.fp8, dtype)
+    model.to(grid.device)
+    cast_for_compute(model, dtype)
     attach_main_grads(model.parameters())
-    return model, rt.optimizer(model, cfg.optim), data
-
-
-def resume_from(cfg: RunConfig, run_dir: Path) -> Path | None:
-    if cfg.trainer.resume is None:
-        return None
-    if cfg.trainer.resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(cfg.trainer.resume).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"trainer.resume={cfg.trainer.resume}: no such checkpoint; give a checkpoint "
-                              "directory, a run directory, 'auto' or null")
-    return path
-
-
-def save(run_dir: Path, cfg: RunConfig, rt: Runtime, state: TrainState, model: Transformer, opt,
-         data: DataPipeline, ema: EMA | None) -> None:
-    """Every rank writes its own pieces at once (trainer/checkpoint.py); collective."""
-    tensors = {"model": rt.model_shards(model.state_dict(), opt), "optim": rt.optim_shards(opt),
-               "rng": {f"{rt.rank}.{name}": t for name, t in rng_state().items()}}
-    if ema is not None:
-        tensors["ema"] = rt.model_shards(ema.state_dict(), opt)
-    meta = {"step": state.step, "tokens": state.tokens, "skipped_in_row": state.skipped_in_row,
-            "data": data.state_dict(), "config": cfg.to_dict(),
-            "layout": {"pp": cfg.parallel.pp, "ep": rt.ep, "dp": rt.dp, "world_size": rt.world_size,
-                       "schedule": cfg.parallel.schedule}}
-    save_checkpoint(run_dir, state.step, tensors, meta, keep=cfg.trainer.keep_checkpoints)
-
-
-def restore(path: Path, cfg: RunConfig, rt: Runtime, model: Transformer, opt, data: DataPipeline,
-            ) -> tuple[TrainState, CheckpointReader]:
-    """Load a checkpoint written with any (DP, EP) layout: each rank reads only what it holds. Random generators
-    come back per rank (rank r takes the saved rank r's, or rank 0's when the saving job was smaller)."""
-    reader = CheckpointReader(path)
-    meta = reader.meta
-    check_compatible(meta, cfg.model.to_dict(), layout=None)
-    rt.load_model_state(model, reader)
-    rt.load_optim_state(opt, reader)
-    data.load_state_dict(meta["data"])
-    rank = rt.rank if reader.has("rng", f"{rt.rank}.torch_cpu") else 0
-    set_rng_state({name.split(".", 1)[1]: reader.tensor("rng", name) for name in reader.names("rng")
-                   if name.startswith(f"{rank}.")})
-    return TrainState(meta["step"], meta["tokens"], meta.get("skipped_in_row", 0)), reader
+    opt = build_optimizer(model, grid, pipeline.norm_share, cfg.optim)
+    return Run(model, pipeline, opt, data, Shards(grid, pipeline, shapes, params))
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], rt: Runtime,
-             device: torch.device) -> float:
-    if rt.pipeline is not None:
-        total = rt.pp_sum({"val": rt.pipeline.evaluate(batches)})["val"]
-    else:
-        total = sum(model.loss(x.to(device), y.to(device)).main.item() for x, y in batches)
-    return rt.mean({"val": total / len(batches)})["val"]
+def evaluate(grid: ProcessGrid, pipeline: Pipeline, batches: list[Batch]) -> float:
+    """The validation loss: the mean next-token loss of `batches` on every DP rank."""
+    total = reduce.pp_sum(grid, {"val": pipeline.evaluate(batches)})["val"]
+    return reduce.dp_mean(grid, {"val": total / len(batches)})["val"]
 
 
-def train_step(cfg: RunConfig, rt: Runtime, state: TrainState, model: Transformer, data: DataPipeline,
-               device: torch.device) -> dict[str, float]:
-    """Forward and backward over this rank's part of one global batch; returns the step's DP-mean losses
-    (gradients are left in .grad / .main_grad)."""
-    per_pass = cfg.trainer.micro_batch_size * rt.dp  # sequences of one micro-batch on every DP rank
+def train_step(cfg: RunConfig, grid: ProcessGrid, state: TrainState, run: Run) -> dict[str, float]:
+    """Forward and backward over this rank's part of one global batch; returns the step's losses (summed over
+    the pipeline, averaged over micro-batches and DP; gradients are left in .grad / .main_grad)."""
+    per_pass = cfg.trainer.micro_batch_size * grid.dp  # sequences of one micro-batch on every DP rank
     seqs = batch_size_at(cfg.optim, state.tokens, cfg.trainer.global_batch_size, per_pass)
     n_micro = seqs // per_pass
     mtp_lambda = mtp_lambda_at(cfg.optim, state.tokens)
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    for moe in moes:
-        moe.aux_loss_scale = 1.0 / n_micro  # the attached balance loss is averaged like the main loss
-    if rt.pipeline is not None:
-        check_schedule_args(cfg.parallel.schedule, rt.pp, n_micro)
-        batches = [data.next_batch(cfg.trainer.micro_batch_size) for _ in range(n_micro)]
-        sums = rt.pp_sum(rt.pipeline.train_step(batches, mtp_lambda))
-        losses = rt.mean({key: value / n_micro for key, value in sums.items()})
-        return {**losses, "mtp_lambda": mtp_lambda, "sequences": seqs, "tokens_in_step": seqs * cfg.data.seq_len}
-    total = lm = mtp = aux = 0.0
-    for _ in range(n_micro):
-        tokens, labels = data.next_batch(cfg.trainer.micro_batch_size)
-        out = model.loss(tokens.to(device), labels.to(device), mtp_lambda=mtp_lambda)
-        (out.loss / n_micro).backward()
-        total += out.loss.item() / n_micro
-        lm += out.main.item() / n_micro
-        mtp += sum(x.item() for x in out.mtp) / max(1, len(out.mtp)) / n_micro
-        aux += sum(m.last_aux_loss.item() for m in moes if m.last_aux_loss is not None) / n_micro
-    losses = rt.mean({"loss": total, "lm_loss": lm, "mtp_loss": mtp, "aux_loss": aux})
+    batches = [run.data.next_batch(cfg.trainer.micro_batch_size) for _ in range(n_micro)]
+    sums = reduce.pp_sum(grid, run.pipeline.train_step(batches, mtp_lambda))
+    losses = reduce.dp_mean(grid, {key: value / n_micro for key, value in sums.items()})
     return {**losses, "mtp_lambda": mtp_lambda, "sequences": seqs, "tokens_in_step": seqs * cfg.data.seq_len}
-
-
-def clip_and_step(opt, params: list[torch.Tensor], lr: float, max_norm: float, update: bool) -> float:
-    """The global gradient norm (before clipping); when `update` and the norm is finite, clip and step."""
-    if isinstance(opt, AdamW):
-        norm = float(clip_grad_norm_(params, max_norm))
-        if update and math.isfinite(norm):
-            opt.step(lr)
-        return norm
-    norm = float(opt.grad_norm())  # ZeRO-1: reduce-scatter, then the norm from the shards
-    if update and math.isfinite(norm):
-        opt.step(lr, max_norm)
-    return norm
 
 
 class _Quiet:
@@ -206,38 +128,37 @@ class _Quiet:
     def close(self) -> None: ...
 
 
-def train(cfg: RunConfig, run_dir: Path, rt: Runtime | None = None) -> TrainState:
+def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> TrainState:
     """Run (or resume) the configured training in `run_dir` on this process's rank; returns the final state."""
-    rt = rt or Runtime.start(cfg.parallel)
-    cfg.validate(rt.world_size)
-    check_model_layout(cfg.parallel, cfg.model, rt.world_size)
+    grid = grid or ProcessGrid.build(cfg.parallel, cfg.trainer.device)
+    if not cfg.validated_for(grid.world_size):
+        cfg.validate(grid.world_size)
     ensure_writable(run_dir)
-    device = resolve_device(cfg.trainer.device)
-    model, opt, data = build(cfg, rt, device)
-    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=rt.dp_group,
-                            replicas=rt.gate_replicas(model), report_group=rt.pp_group)
+    run = build(cfg, grid)
+    model, opt, data = run.model, run.opt, run.data
+    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=grid.dp_group,
+                            replicas=run.pipeline.gate_replicas(), report_group=grid.pp_group if grid.pp > 1 else None)
     state, reader = TrainState(), None
     checkpoint = resume_from(cfg, run_dir)
     if checkpoint is not None:
-        state, reader = restore(checkpoint, cfg, rt, model, opt, data)
-        if rt.is_main:
+        state, reader = restore(checkpoint, cfg, grid, run.shards, model, opt, data)
+        if grid.is_main:
             print(f"resumed from {checkpoint} at step {state.step}", flush=True)
     # built after the restore, so that an EMA switched on at resume starts from the trained weights
     ema = EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
     if ema is not None and reader is not None and "ema" in reader.groups:
-        rt.load_ema_state(ema, reader)
+        run.shards.load_ema(ema, reader)
     metrics = Metrics(run_dir, cfg.logging, cfg.trainer.max_steps, cfg.to_dict(), resume_step=state.step) \
-        if rt.is_main else _Quiet()
+        if grid.is_main else _Quiet()
     valid = data.valid_batches(cfg.trainer.eval_batches, cfg.trainer.micro_batch_size) if cfg.trainer.eval_every \
         else []
-    params = [p for p in model.parameters() if p.requires_grad]
     try:
         while state.step < cfg.trainer.max_steps:
             t0 = time.perf_counter()
-            record = train_step(cfg, rt, state, model, data, device)
+            record = train_step(cfg, grid, state, run)
             lr = lr_at(cfg.optim, state.step, state.tokens)
             loss_finite = math.isfinite(record["loss"])  # the same on every rank (a DP mean)
-            grad_norm = clip_and_step(opt, params, lr, cfg.optim.grad_clip, update=loss_finite)
+            grad_norm = opt.step(lr, cfg.optim.grad_clip) if loss_finite else float(opt.grad_norm())
             finite = loss_finite and math.isfinite(grad_norm)
             if finite:
                 # the bias update uses this step's loads and changes routing from the next step on (paper 2.1.2)
@@ -258,18 +179,18 @@ def train(cfg: RunConfig, run_dir: Path, rt: Runtime | None = None) -> TrainStat
             opt.zero_grad()
             state.step += 1
             state.tokens += record["tokens_in_step"]
-            dt = time.perf_counter() - t0
-            times = rt.gather(dt)
+            times = reduce.gather(grid, time.perf_counter() - t0)
             metrics.log_step({"step": state.step, "tokens": state.tokens, **record, "lr": lr, "grad_norm": grad_norm,
                               "maxvio": balance["maxvio"], "maxvio_layer": balance["maxvio_layer"],
                               "skipped": not finite, "step_time_s": max(times), "step_time_rank_s": times,
-                              "tokens_per_s": record["tokens_in_step"] / max(times), **rt.dispatch_stats(),
-                              **rt.pipeline_stats()})
+                              "tokens_per_s": record["tokens_in_step"] / max(times),
+                              **reduce.dispatch_stats(grid, model, cfg.parallel.fabric is not None),
+                              **reduce.pipeline_stats(grid, run.pipeline)})
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
-                metrics.log_eval(state.step, {"val_loss": evaluate(model, valid, rt, device)})
+                metrics.log_eval(state.step, {"val_loss": evaluate(grid, run.pipeline, valid)})
             every = cfg.trainer.checkpoint_every
             if (every and state.step % every == 0) or state.step == cfg.trainer.max_steps:
-                save(run_dir, cfg, rt, state, model, opt, data, ema)
+                save(run_dir, cfg, grid, run.shards, state, model, opt, data, ema)
     finally:
         metrics.close()
         if ema is not None:
@@ -277,29 +198,60 @@ def train(cfg: RunConfig, run_dir: Path, rt: Runtime | None = None) -> TrainStat
     return state
 
 
-def run_dir_for(cfg: RunConfig) -> Path:
-    if cfg.trainer.run_dir:
-        return Path(cfg.trainer.run_dir).expanduser()
-    return Path(HydraConfig.get().runtime.output_dir)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, NonFiniteLossError, ValueError, FileNotFoundError)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
+def _fail(err: BaseException) -> None:
+    """A user error: one paragraph on stderr (naming the rank under torchrun), exit code 2, no traceback."""
+    rank = os.environ.get("RANK")
+    print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base=None)
 def hydra_main(raw: DictConfig) -> None:
     try:
         cfg = load_config(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        rt = Runtime.start(cfg.parallel)
-        run_dir = rt.broadcast(run_dir_for(cfg))  # rank 0's: Hydra's timestamps may differ between ranks
-        if rt.is_main:
-            print(f"run directory: {run_dir}\nlayout: {rt.describe()}", flush=True)
-        train(cfg, run_dir, rt)
-        rt.close()
-    except (ConfigError, CheckpointError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
-        rank = os.environ.get("RANK")
-        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        grid = ProcessGrid.build(cfg.parallel, cfg.trainer.device)
+        run_dir = Path(reduce.broadcast(grid, str(run_dir_for(cfg.trainer.run_dir))))  # rank 0's choice
+        ensure_writable(run_dir)
+        with rank_log(run_dir, grid.rank):
+            if grid.is_main:
+                record_config(run_dir, raw)
+                layout = grid.describe(cfg.parallel.schedule, cfg.parallel.dispatch)
+                print(f"run directory: {run_dir}\nlayout: {layout}", flush=True)
+            try:
+                train(cfg, run_dir, grid)
+            except USER_ERRORS as err:
+                _fail(err)
+        grid.close()
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+def composition_error(argv: list[str]) -> str | None:
+    """The one-paragraph message of what stops the command line's overrides from composing (a wrong type or
+    choice, an unknown key or group option, bad override syntax), or None. Sweeps (`a,b` under -m) and hydra.*
+    overrides are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # Hydra's OverrideParseException
+        return describe(err)
+    plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    try:
+        compose_config(plain)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def main() -> None:
+    problem = composition_error(sys.argv[1:])
+    if problem is not None:
+        _fail(ConfigError(problem))
     hydra_main()
 
 

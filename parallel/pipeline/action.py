@@ -28,7 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+from core.config import ConfigError, choice
+
+ScheduleName = choice("ScheduleName", "1f1b zb1p dualpipe dualpipev", __name__, refusal="does not exist")
+SCHEDULES = tuple(s.value for s in ScheduleName)
 KINDS = ("F", "B", "W", "FB")
 
 
@@ -73,11 +76,26 @@ class Action:
         return f"{self.kind}{self.phase}.{self.microbatch}{'*' if self.defer_w else ''}"
 
 
+class ScheduleError(ConfigError):
+    """A schedule that cannot be built for the configuration, or a set of action lists that cannot run."""
+
+
+def check_schedule_layout(name: str, num_ranks: int) -> None:
+    """The schedule's rules on the pipeline size alone (parallel.schedule, parallel.pp)."""
+    _check(name, num_ranks)
+    if name == "dualpipe" and num_ranks % 2:
+        raise ScheduleError(f"parallel.schedule=dualpipe needs an even number of pipeline ranks, got "
+                            f"parallel.pp={num_ranks}; use dualpipev or an even pp")
+
+
 def _check(name: str, num_ranks: int) -> None:
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule {name!r} does not exist; choose one of {', '.join(SCHEDULES)} (parallel.schedule)")
+    """A schedule that exists, over at least one rank."""
+    try:
+        ScheduleName.parse(name, "parallel.schedule")
+    except ConfigError as err:
+        raise ScheduleError(str(err)) from None
     if num_ranks < 1:
-        raise ValueError(f"a pipeline needs at least one rank, got {num_ranks}")
+        raise ScheduleError(f"parallel.pp={num_ranks}: a pipeline needs at least one rank")
 
 
 def num_stages(name: str, num_ranks: int) -> int:

@@ -19,7 +19,7 @@ forward stage has `steps` (parallel/pipeline/overlap.py): each all-to-all of one
 while the other computes. Otherwise, and always for the forward-then-backward reference order, it runs the
 forward, then the backward; the results are bitwise the same.
 
-A B with `defer_w` leaves its weight-gradient GEMMs in a `fp8.linear.WeightGradStore` owned by this executor,
+A B with `defer_w` leaves its weight-gradient GEMMs in a `model.linear.WeightGradStore` owned by this executor,
 one per (phase, micro-batch), by pointing the stage's Linears at it during the backward; the matching W runs
 them.
 
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
-from fp8.linear import WeightGradStore
+from model.linear import WeightGradStore
 from parallel.fabric import Fabric, LinkDelay
 from parallel.pipeline.action import Action, direction_of, owner
 from parallel.pipeline.overlap import ForwardInBackward
@@ -82,10 +82,6 @@ class StepStats:
     exchange_wait: dict[str, float] = field(default_factory=dict)
     exchange_link: dict[str, float] = field(default_factory=dict)
     overlapped: int = 0  # backward exchanges that had the other micro-batch's forward running behind them
-
-    @property
-    def idle(self) -> float:
-        return self.total - self.busy
 
 
 class PipelineExecutor:

@@ -22,30 +22,29 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable
 
-from parallel.pipeline.action import SCHEDULES, Action, direction_of, num_stages, owner, phases, stage_of
+from parallel.pipeline.action import (
+    Action,
+    ScheduleError,
+    check_schedule_layout,
+    direction_of,
+    num_stages,
+    owner,
+    phases,
+    stage_of,
+)
 
 __all__ = ["Action", "Event", "ScheduleError", "build_forward_schedule", "build_schedule", "check_schedule_args",
-           "peak_activations", "replay", "validate_schedule"]
+           "check_schedule_layout", "peak_activations", "replay", "validate_schedule"]
 
 Event = tuple[float, float, Action]
 
 
-class ScheduleError(ValueError):
-    """A schedule that cannot be built for the configuration, or a set of action lists that cannot run."""
-
-
 def check_schedule_args(name: str, num_ranks: int, num_microbatches: int) -> None:
     """The rules the reference implementations assert, as errors naming the config keys and the fix."""
-    if name not in SCHEDULES:
-        raise ScheduleError(f"parallel.schedule={name!r} does not exist; choose one of {', '.join(SCHEDULES)}")
-    if num_ranks < 1:
-        raise ScheduleError(f"parallel.pp={num_ranks}: a pipeline needs at least one rank")
+    check_schedule_layout(name, num_ranks)
     if num_microbatches < 1:
         raise ScheduleError(f"parallel.microbatches={num_microbatches}: a step needs at least one micro-batch")
     if name == "dualpipe":
-        if num_ranks % 2:
-            raise ScheduleError(f"parallel.schedule=dualpipe needs an even number of pipeline ranks, got "
-                                f"parallel.pp={num_ranks}; use dualpipev or an even pp")
         if num_microbatches % 2:
             raise ScheduleError(f"parallel.schedule=dualpipe feeds half the micro-batches from each end, so "
                                 f"parallel.microbatches={num_microbatches} must be even")
@@ -69,8 +68,7 @@ def build_forward_schedule(name: str, num_ranks: int, rank: int, num_microbatche
     """Forward-only actions (evaluation): every micro-batch through each of the rank's stages, phase by phase.
     It cannot deadlock, because sends never block: a rank's phase-0 forwards need only upstream phase-0 outputs,
     and its phase-1 forwards only outputs that ranks produce after their own phase-0 forwards."""
-    if name not in SCHEDULES:
-        check_schedule_args(name, num_ranks, num_microbatches)
+    check_schedule_layout(name, num_ranks)
     if not 0 <= rank < num_ranks:
         raise ScheduleError(f"pipeline rank {rank} does not exist with parallel.pp={num_ranks}")
     return [Action("F", phase, m) for phase in range(phases(name)) for m in range(num_microbatches)

@@ -1,7 +1,7 @@
 """Pipeline stages of the model (paper 3.2.1): which layers each stage holds, what each rank keeps of the model,
-and the forward of one stage. Applied from outside: the model is built whole (same seed on every rank, so every
-copy starts equal) and each rank drops what its stages do not hold; parameter names stay those of the single-
-process model.
+and the forward of one stage. Applied from outside (parallel/parallelize.py): the model is built whole (same seed
+on every rank, so every copy starts equal) and each rank drops what its stages do not hold; parameter names stay
+those of the single-process model. One process is a pipeline of one stage holding everything.
 
 Split. `split_layers` gives each stage a contiguous block of layers. By default the blocks are as even as
 possible and the larger ones go to the middle stages, because the first stage also runs the embedding and the
@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.config import ConfigError
 from model.block import run_steps
-from model.config import ConfigError
-from model.transformer import LossOutput, Transformer, document_mask
+from model.grads import grad_of
+from model.transformer import LossOutput, Transformer
 from parallel.pipeline.action import num_stages, phases, stage_of
-from trainer.optim import grad_of
 
 
 def split_layers(n_layers: int, n_stages: int, stage_layers: list[int] | None = None) -> list[range]:
@@ -111,10 +111,7 @@ def stage_steps(model: Transformer, spec: StageSpec, x: torch.Tensor | None, bat
     (first stage) or the previous stage's hidden states `x` through its blocks, then on the last stage (unless
     `output` is False) the micro-batch's LossOutput (main + MTP); otherwise its hidden states."""
     h = model.embed(batch.tokens) if spec.first else x
-    cos, sin = model._rope(h.shape[1])
-    mask = document_mask(batch.document_ids)
-    for i in spec.layers:
-        h = yield from model.layers[str(i)].steps(h, cos, sin, mask)
+    h = yield from model.layer_steps(h, spec.layers, batch.document_ids)
     if spec.last and output:
         return model.output_loss(h, batch.labels, mtp_lambda, batch.document_ids)
     return h
@@ -161,7 +158,7 @@ def sync_replicated_grads(model: nn.Module, groups: dict[tuple[int, ...], dist.P
     """Sum the gradients of parameters held by several pipeline ranks over those ranks. `groups` maps each rank
     set (pipeline ranks, sorted) to its process group; every rank in a set calls this with the same model parts,
     and the parameters are reduced in name order, one flat buffer per rank set. A low-precision parameter's
-    gradient is its fp32 `main_grad` (trainer.optim.grad_of)."""
+    gradient is its fp32 `main_grad` (model.grads.grad_of)."""
     by_set: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for name, p in sorted(model.named_parameters()):
         ranks = tuple(holder_of[part_of(name)])

@@ -76,7 +76,7 @@ def _run_ep(disp: ExpertParallelDispatcher, h, idx, w, g, full_ref: RoutedExpert
             full = getattr(full_ref, name).weight
             getattr(local, name).weight.copy_(full[ep_rank * per_rank:(ep_rank + 1) * per_rank])
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    rows, ids, rw, layout = disp.dispatch(h, idx, w)
+    rows, ids, rw, layout, _ = disp.dispatch(h, idx, w)
     out = disp.combine(local(rows, ids, rw), layout)
     (out * g).sum().backward()
     grads = {n: getattr(local, n).weight.grad for n in ("w1", "w2", "w3")}
@@ -178,8 +178,8 @@ class TwoTensorPayload:
         high = rows.to(torch.bfloat16)
         return [high.view(torch.uint8), rows - high.float()]  # (N, 2 dim) uint8, (N, dim) fp32
 
-    def unpack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return tensors[0].view(torch.bfloat16).float() + tensors[1]
+    def unpack(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
+        return tensors[0].view(torch.bfloat16).float() + tensors[1], None
 
 
 def _features_spawn(rank: int, world: int) -> None:
@@ -203,7 +203,7 @@ def _features_spawn(rank: int, world: int) -> None:
         hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
         handle = disp.dispatch_async(hx, idx, wx)
         busy = torch.randn(64, 64) @ torch.randn(64, 64)  # overlapped compute
-        rows, ids, rw, layout = handle.wait()
+        rows, ids, rw, layout, _ = handle.wait()
         assert handle.wait()[0] is rows, f"{tag}: wait() is idempotent"
         handle = disp.combine_async(local(rows, ids, rw), layout)
         busy = busy @ busy
@@ -233,7 +233,7 @@ def _features_spawn(rank: int, world: int) -> None:
     for hierarchical in (False, True):
         disp = ExpertParallelDispatcher(None, E, gpn, hierarchical)
         _, gidx, gw = gate(x)
-        *_, layout = disp.dispatch(x, gidx, gw)
+        layout = disp.dispatch(x, gidx, gw).layout
         reached = torch.zeros(world, 64, ep // gpn)  # (source rank, token, node)
         reached[layout.src_rank, layout.src_token, rank // gpn] = 1.0
         dist.all_reduce(reached)

@@ -19,21 +19,24 @@ def _step(rank: int, overlap: bool):
     from model import Transformer
     from model.block import run_steps
     from model.moe import MoE
-    from parallel.apply import apply_expert_parallel
+    from parallel.config import ParallelConfig
     from parallel.fabric import Fabric
+    from parallel.grid import ProcessGrid
+    from parallel.parallelize import apply_expert_parallel
     from parallel.pipeline.executor import PipelineExecutor, StageRunner
     from parallel.pipeline.schedule import build_schedule
     from parallel.pipeline.stage import MicroBatch, keep_stages, rank_stages, stage_steps
 
     pp_rank, ep_rank = divmod(rank, EP)  # ranks 0 1 run pipeline position 0, ranks 2 3 position 1
     pp_ranks = [p * EP + ep_rank for p in range(PP)]
-    ep_groups = [dist.new_group([p * EP + e for e in range(EP)]) for p in range(PP)]
     cfg = small_config(n_layers=4, first_k_dense=1)
     torch.manual_seed(0)
     specs = rank_stages("dualpipe", PP, pp_rank, cfg.n_layers)
     model = keep_stages(Transformer(cfg), specs)
     fabric = Fabric(intra_gbps=0.05, inter_gbps=0.02, latency_us=200)  # ~1 ms per exchange
-    apply_expert_parallel(model, ep_groups[pp_rank], ep_rank, EP, gpus_per_node=1, hierarchical=False, fabric=fabric)
+    layout = ParallelConfig(pp=PP, ep=EP, gpus_per_node=1, schedule="dualpipe", fabric=fabric)
+    grid = ProcessGrid.build(layout)  # EP groups [0 1] [2 3]
+    apply_expert_parallel(model, grid, layout)
     g = torch.Generator().manual_seed(10 + ep_rank)  # each EP rank (data-parallel rank) its own data
     batches = [MicroBatch(torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=g),
                           torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=g)) for _ in range(N_MICRO)]

@@ -117,7 +117,7 @@ def _bf16_mirror_worker(rank: int, world: int) -> None:
     from parallel.pipeline.schedule import build_schedule
     from parallel.pipeline.stage import MicroBatch, holders, keep_stages, rank_stages, stage_forward, \
         sync_replicated_grads
-    from trainer.optim import attach_main_grads
+    from model.grads import attach_main_grads
 
     pp, n_micro = world, 2 * world
     cfg = small_config(n_layers=3, first_k_dense=1)

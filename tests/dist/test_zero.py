@@ -1,4 +1,4 @@
-"""ZeRO-1 (parallel/zero.py) against the single-process trainer.optim.AdamW on the global-average gradient.
+"""ZeRO-1 (parallel/zero.py) against the single-process optim.adamw.AdamW on the global-average gradient.
 
 One 4-process gloo spawn runs every distributed check, for three setups: dense only (fp32 parameters, fp32
 moments, DP 4); an expert-tagged parameter with EP 2 (EP groups [0,1] [2,3], expert-DP groups [0,2] [1,3]) in fp32;
@@ -24,10 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.apply import is_expert_param
+from parallel.expert import is_expert_param
 from parallel.zero import ZeroOptimizer
 from tests.dist.conftest import run_distributed
-from trainer.optim import AdamW, OptimConfig, attach_main_grads, clip_grad_norm_, grad_of
+from model.grads import attach_main_grads, grad_of
+from optim.adamw import AdamW
+from optim.config import OptimConfig
+from optim.optimizer import clip_grad_norm_
 
 N_EXPERTS, D_IN, D_HID = 4, 6, 12
 EXPERT = "ffn.experts.w"
@@ -93,7 +96,7 @@ def _reference_grads(ref: nn.Module, step: int, ranks: list[int]) -> None:
 
 class Sharded:
     """The ZeRO side on one rank: a full model replica whose dense parameters train, plus this EP rank's slice
-    of the experts as its own parameter (named like the full one, as parallel.apply does)."""
+    of the experts as its own parameter (named like the full one, as parallel.parallelize does)."""
 
     def __init__(self, model: nn.Module, ep_group: dist.ProcessGroup | None, ep_rank: int, ep: int) -> None:
         self.model, self.ep_group, self.ep, self.ep_rank = model, ep_group, ep, ep_rank

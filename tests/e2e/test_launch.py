@@ -121,3 +121,36 @@ def test_rank_killed_by_sigkill_ends_the_job(tmp_path: Path) -> None:
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9 ", root_cause(output)), output[-3000:]
     assert "SIGKILL" in root_cause(output)
     assert seconds < 60
+
+
+# a small model and corpus (as tests/e2e/test_train.py) so that a 2-process run takes seconds
+SMALL = ["model.n_layers=2", "model.dim=64", "model.vocab_size=512", "model.n_routed_experts=8", "model.n_group=4",
+         "model.topk_group=2", "model.n_activated_experts=2", "model.inter_dim=128", "model.moe_inter_dim=32",
+         "data.vocab_size=512", "data.corpus_bytes=300000", "data.seq_len=32", "trainer.micro_batch_size=4",
+         "trainer.eval_every=0", "logging.plot=false", "trainer.max_steps=1"]
+
+
+@pytest.mark.slow
+def test_every_rank_uses_the_one_run_directory(tmp_path: Path) -> None:
+    """Two torchrun ranks of hai-train leave one runs/<experiment>/<time>/ holding both ranks' logs and rank 0's
+    .hydra/; with trainer.run_dir set, nothing is written anywhere else (the working directory stays empty)."""
+    cache = tmp_path / "cache"
+    for fixed in (None, tmp_path / "fixed"):
+        work = tmp_path / ("work_fixed" if fixed else "work")
+        work.mkdir()
+        args = [*SMALL, f"data.cache_dir={cache}", *([f"trainer.run_dir={fixed}"] if fixed else [])]
+        result = subprocess.run([sys.executable, "-m", "launch.launch", "--nproc", "2", *args], cwd=work,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if fixed is None:
+            runs = list((work / "runs" / "tiny").iterdir())
+            assert len(runs) == 1 and sorted(p.name for p in work.iterdir()) == ["runs"], runs
+            run = runs[0]
+        else:
+            assert list(work.iterdir()) == [], list(work.iterdir())
+            run = fixed
+        names = {p.name for p in run.iterdir()}
+        assert {"train.rank0.log", "train.rank1.log", ".hydra", "metrics.jsonl", "checkpoints"} <= names, names
+        assert "train.log" not in names  # Hydra's own job log is not written
+        assert f"run directory: {run}" in (run / "train.rank0.log").read_text()
+        assert "model.dim=64" in (run / ".hydra" / "overrides.yaml").read_text()

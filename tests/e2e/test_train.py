@@ -121,6 +121,22 @@ def test_bad_input_is_a_clear_error(tmp_path, cache_dir, args, words):
     assert words in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("override,words", [
+    ("optim.lr=abc", ["optim.lr='abc'", "a number"]),
+    ("parallel.pp=two", ["parallel.pp='two'", "an integer"]),
+    ("model.balance=foo", ["model.balance='foo'", "aux_free, aux_loss, none"]),
+    ("fp8.recipe=fast", ["fp8.recipe='fast'", "off, emulate, hopper"]),
+    ("data.bogus=1", ["data.bogus", "its keys are: seq_len"]),
+])
+def test_bad_override_is_one_paragraph_without_traceback(tmp_path, cache_dir, override, words):
+    result = hai_train(["trainer.max_steps=1", f"trainer.run_dir={tmp_path / 'run'}", override], cache_dir)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
 @pytest.mark.slow
 def test_resume_from_another_model_is_refused(tmp_path, cache_dir):
     run = tmp_path / "run"

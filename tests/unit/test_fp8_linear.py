@@ -10,9 +10,10 @@ import torch
 
 from fp8.config import FP8Config
 from fp8.gemm import calc_diff, get_backend
-from fp8.linear import FP8Spec, GroupedLinear, Linear, WeightGradStore, swiglu_experts
-from fp8.recipe import FP8Payload, apply_recipe, fp8_modules
+from fp8.linear import FP8Spec
+from fp8.recipe import FP8Payload, apply_fp8, fp8_modules
 from model import ConfigError, Transformer
+from model.linear import GroupedLinear, Linear, WeightGradStore, swiglu_experts
 from tests.conftest import small_config
 
 SPEC = FP8Spec(get_backend("emulate"), pow2=True)
@@ -64,7 +65,7 @@ def test_fp8_linear_deferred_w_and_main_grad():
     assert lin.weight.grad is None and len(store) == 1
     store.flush()
     assert torch.equal(lin.weight.grad, now)
-    # a bf16 weight with an fp32 main gradient (trainer.optim.attach_main_grads): Wgrad lands there in fp32
+    # a bf16 weight with an fp32 main gradient (model.grads.attach_main_grads): Wgrad lands there in fp32
     lin.wgrad_store, lin.weight.grad = None, None
     lin.to(torch.bfloat16)
     lin.weight.main_grad = None
@@ -86,7 +87,7 @@ def _grouped_case(counts: list[int], k: int = 160, n: int = 136):
         start += c
     y64 = torch.cat(parts)
     y64.backward(dy)
-    lin = GroupedLinear(e, k, n, backend="loop")
+    lin = GroupedLinear(e, k, n, expert_gemm="loop")
     with torch.no_grad():
         lin.weight.copy_(w64)
     lin.fp8 = SPEC
@@ -129,8 +130,8 @@ def test_no_nan_from_zero_rows():
 
 def test_recipe_chooses_the_papers_gemms():
     model = Transformer(small_config())
-    assert apply_recipe(model, FP8Config(recipe="off")) == 0
-    n = apply_recipe(model, FP8Config(recipe="emulate"))
+    assert apply_fp8(model, FP8Config(recipe="off")) == 0
+    n = apply_fp8(model, FP8Config(recipe="emulate"))
     chosen = {name for name, m in model.named_modules() if getattr(m, "fp8", None) is not None}
     assert len(chosen) == n == len(fp8_modules(model))
     for name in chosen:
@@ -146,7 +147,7 @@ def test_fp8_model_is_close_to_the_fp32_model():
     ref = Transformer(small_config())
     torch.manual_seed(0)
     fp8 = Transformer(small_config())
-    apply_recipe(fp8, FP8Config(recipe="emulate"))
+    apply_fp8(fp8, FP8Config(recipe="emulate"))
     g = torch.Generator().manual_seed(0)
     tokens, labels = torch.randint(0, 101, (2, 16), generator=g), torch.randint(0, 101, (2, 16), generator=g)
     a, b = ref.loss(tokens, labels, 0.3), fp8.loss(tokens, labels, 0.3)
@@ -166,7 +167,7 @@ def test_an_unavailable_backend_fails_with_the_reason():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises((RuntimeError, ConfigError), match="fp8.backend"):
-        apply_recipe(model, FP8Config(recipe="hopper"))
+        apply_fp8(model, FP8Config(recipe="hopper"))
 
 
 def test_config_errors_name_the_field():
@@ -181,10 +182,11 @@ def test_fp8_payload_is_lossless_to_requantise():
     payload = FP8Payload()
     tensors = payload.pack(x)
     assert tensors[0].dtype == torch.uint8 and tensors[0].shape == (70, 300) and tensors[1].shape == (70, 3)
-    rows = payload.unpack(tensors)
+    rows, (q, scale) = payload.unpack(tensors)
+    assert torch.equal(q.view(torch.uint8), tensors[0]) and torch.equal(scale, tensors[1])
     assert calc_diff(rows, x) < 1e-3
     # the expert up-projection quantises the rows again: with power-of-two scales it finds the same values
-    again = payload.unpack(payload.pack(rows))
+    again, _ = payload.unpack(payload.pack(rows))
     assert torch.equal(again, rows)
 
 
@@ -234,10 +236,10 @@ def test_e5m6_input_cache_for_the_linear_after_attention():
     gradient stays within the FP8 bound of float64, at least as close as with the E4M3 cache, and the output and
     input gradient are those of the E4M3-cached Linear (the cache only feeds Wgrad)."""
     model = Transformer(small_config())
-    apply_recipe(model, FP8Config(recipe="emulate"))
+    apply_fp8(model, FP8Config(recipe="emulate"))
     assert model.layers["0"].attn.wo.fp8.e5m6_cache and not model.layers["0"].attn.wkv_b.fp8.e5m6_cache
     plain = Transformer(small_config())
-    apply_recipe(plain, FP8Config(recipe="emulate", e5m6_cache=False))
+    apply_fp8(plain, FP8Config(recipe="emulate", e5m6_cache=False))
     assert not plain.layers["0"].attn.wo.fp8.e5m6_cache
     results = {}
     for e5m6 in (False, True):
@@ -254,11 +256,11 @@ def test_e5m6_input_cache_for_the_linear_after_attention():
 
 
 def test_dispatched_fp8_rows_feed_the_up_projection_without_requantising():
-    """Rows arriving through the FP8 dispatch carry their E4M3 form; the experts use exactly those bytes (gathered
+    """Rows arriving through the FP8 dispatch come with their E4M3 form; the experts use exactly those bytes (gathered
     per expert), and the result equals quantising the dequantised rows again, bitwise."""
     g = torch.Generator().manual_seed(3)
     rows = torch.randn(40, 128, generator=g) * 10 ** (torch.rand(40, 1, generator=g) * 4 - 2)
-    arrived = FP8Payload().unpack(FP8Payload().pack(rows))
+    arrived, packed = FP8Payload().unpack(FP8Payload().pack(rows))
     index = torch.randint(0, 40, (70,), generator=g).sort().values
     counts = torch.tensor([30, 25, 15])
     outs = []
@@ -268,14 +270,12 @@ def test_dispatched_fp8_rows_feed_the_up_projection_without_requantising():
         for mod in mods:
             mod.fp8 = SPEC
         x = arrived.clone().requires_grad_()
-        if carry:
-            x.fp8 = arrived.fp8
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = swiglu_experts(*mods, x, index, counts)
+            y = swiglu_experts(*mods, x, index, counts, packed if carry else None)
         y.square().sum().backward()
         if carry:
-            q = arrived.fp8[0].index_select(0, index)
+            q = packed[0].index_select(0, index)
             assert any(t.dtype == torch.float8_e4m3fn and t.shape == q.shape and torch.equal(t.view(torch.uint8),
                                                                                              q.view(torch.uint8))
                        for t in saved)

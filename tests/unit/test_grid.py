@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from model import ConfigError
-from parallel.apply import is_expert_param
 from parallel.config import ParallelConfig, check_model_layout
+from parallel.expert import is_expert_param
 from parallel.grid import GridLayout, ProcessGrid
 from tests.conftest import small_config
 
@@ -117,14 +117,14 @@ def test_small_worlds_are_one_node_and_ep_is_allowed():
 def test_model_must_split_over_the_grid():
     with pytest.raises(ConfigError, match="n_routed_experts=8 is not divisible by parallel.ep=3; "
                                           "choose ep among 1, 2, 4, 8"):
-        check_model_layout(ParallelConfig(ep=3), small_config(), 3)
+        check_model_layout(ParallelConfig(ep=3), small_config())
     # EP of 4 over nodes of 2 spans 2 nodes: the router needs one group per node
     with pytest.raises(ConfigError, match="model.n_group=4 must equal the 2 nodes spanned by the EP group.*"
                                           "set model.n_group=2"):
-        check_model_layout(ParallelConfig(ep=4, gpus_per_node=2), small_config(), 4)
-    check_model_layout(ParallelConfig(ep=4, gpus_per_node=2), small_config(n_group=2, topk_group=1), 4)
-    check_model_layout(ParallelConfig(ep=2, gpus_per_node=2), small_config(), 4)  # EP inside a node: any n_group
-    check_model_layout(ParallelConfig(ep=4, gpus_per_node=8), small_config(), 4)
+        check_model_layout(ParallelConfig(ep=4, gpus_per_node=2), small_config())
+    check_model_layout(ParallelConfig(ep=4, gpus_per_node=2), small_config(n_group=2, topk_group=1))
+    check_model_layout(ParallelConfig(ep=2, gpus_per_node=2), small_config())  # EP inside a node: any n_group
+    check_model_layout(ParallelConfig(ep=4, gpus_per_node=8), small_config())
 
 
 def test_expert_params_are_the_routed_experts():

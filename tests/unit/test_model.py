@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fp8.linear import GroupedLinear, Linear, WeightGradStore
 from model import Transformer
+from model.linear import GroupedLinear, Linear, WeightGradStore
 from model.transformer import IGNORE_INDEX
 from tests.conftest import small_config
 
@@ -123,9 +123,9 @@ def test_deferred_weight_gradients_equal_immediate():
 
 
 def test_deferred_weight_gradients_of_bf16_weights_land_in_the_fp32_main_grad():
-    """With bf16 weights and fp32 main gradients (trainer.optim.attach_main_grads), a deferred W must end where the
+    """With bf16 weights and fp32 main gradients (model.grads.attach_main_grads), a deferred W must end where the
     immediate one does: in `main_grad`, in fp32, with `.grad` left empty."""
-    from trainer.optim import attach_main_grads
+    from model.grads import attach_main_grads
 
     results = []
     for defer in (False, True):

@@ -14,19 +14,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from core.config import from_dict
 from model import ConfigError
-from model.config import from_dict
-from trainer.optim import (
-    AdamW,
-    OptimConfig,
-    adamw_update,
-    batch_size_at,
-    bias_gamma_at,
-    clip_grad_norm_,
-    grad_norm_sq,
-    lr_at,
-    mtp_lambda_at,
-)
+from optim.adamw import AdamW, adamw_update
+from optim.config import OptimConfig
+from optim.optimizer import clip_grad_norm_, grad_norm_sq
+from optim.schedules import batch_size_at, bias_gamma_at, lr_at, mtp_lambda_at
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "optim"
 
@@ -389,7 +382,7 @@ def test_bf16_moments_reject_slow_betas():
 
 
 def test_bf16_parameters_accumulate_micro_batches_in_fp32_main_grads():
-    from trainer.optim import attach_main_grads, grad_of
+    from model.grads import attach_main_grads, grad_of
 
     torch.manual_seed(11)
     w = torch.nn.Parameter(torch.randn(4, 8).to(torch.bfloat16))

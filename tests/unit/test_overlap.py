@@ -9,7 +9,7 @@ import torch
 
 from model import Transformer
 from model.block import run_steps
-from model.moe import MoE, Ready
+from model.moe import Dispatched, MoE, Ready
 from parallel.pipeline.overlap import ForwardInBackward
 from parallel.pipeline.stage import MicroBatch, StageSpec, stage_steps
 from tests.conftest import small_config
@@ -50,7 +50,7 @@ class _Loopback:
         return handle
 
     def dispatch_async(self, h, idx, w):
-        return self._handle("dispatch", (_Backward.apply(h, self, "dispatch"), idx, w, None))
+        return self._handle("dispatch", Dispatched(_Backward.apply(h, self, "dispatch"), idx, w, None))
 
     def combine_async(self, y, layout):
         return self._handle("combine", _Backward.apply(y, self, "combine"))

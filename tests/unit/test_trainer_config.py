@@ -7,21 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from model import ConfigError, Transformer
 from model.moe import update_bias
 from tests.conftest import small_config
 from trainer.balance import BiasBalancer, max_violation
-from trainer.config import GROUPS, load_config
+from trainer.config import GROUPS, compose_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def compose_run(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 @pytest.mark.parametrize("group", sorted(set(GROUPS) - {"model", "experiment"}))
