@@ -397,3 +397,20 @@ def test_bf16_parameters_accumulate_micro_batches_in_fp32_main_grads():
         (x.to(torch.bfloat16) @ wr.t()).float().square().sum().backward()
         ref += wr.grad.float()
     assert torch.equal(grad_of(w), ref)
+
+
+def test_zero_grad_after_a_skipped_step_drops_the_reduced_gradient():
+    """A step skipped for a non-finite loss computes the norm (ZeRO reduces the gradients for it) but takes no
+    update; zero_grad must then drop that reduced gradient, or the next step's norm and update would use it."""
+    from parallel.expert import is_expert_param
+    from parallel.zero import ZeroOptimizer
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    opt = ZeroOptimizer(model.named_parameters(), OptimConfig(moment_dtype="fp32"), None, None, is_expert_param)
+    model.weight.grad = torch.full_like(model.weight, float("inf"))
+    assert not math.isfinite(float(opt.grad_norm()))  # the skipped step: norm only
+    opt.zero_grad()
+    model.weight.grad = torch.ones_like(model.weight)
+    assert float(opt.grad_norm()) == pytest.approx(math.sqrt(12))
+    assert math.isfinite(opt.step(1e-3, 1.0))
