@@ -1,0 +1,1 @@
+"""The neutral layer below every package: typed-config helpers (config.py)."""

@@ -30,9 +30,10 @@ class LossOutput:
 
 
 class Transformer(nn.Module):
+    """The model of a validated ModelConfig (presets.load, model_config, RunConfig.validate or its `validate()`)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.n_layers)})

@@ -29,10 +29,11 @@ Read = Callable[[str, int, int], Tensor]  # (key, start, end) -> elements [start
 
 
 class Optimizer(ABC):
-    """Base of AdamW and ZeroOptimizer: `params` are the trained parameters by name (see the module docstring)."""
+    """Base of AdamW and ZeroOptimizer: `params` are the trained parameters by name (see the module docstring);
+    `cfg` is a validated OptimConfig (RunConfig.validate, or its own `validate()`)."""
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig) -> None:
-        self.cfg = cfg.validate()
+        self.cfg = cfg
         self.params = collect_params(named_params, type(self).__name__)
 
     @abstractmethod

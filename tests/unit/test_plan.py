@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from core.config import ConfigError
 from launch import cost
 from launch.plan import DEFAULT_CLUSTER, build_plan, load_cluster, load_config, main
 from model import count_params
@@ -138,3 +139,24 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, words):
     assert "\n" not in err and err.startswith("error: ")
     for word in words:
         assert word in err
+
+
+def test_microbatches_mean_what_they_mean_in_hai_train():
+    """parallel.microbatches is micro-batches per step and pipeline in both tools: without a global batch the plan
+    derives it (microbatches x micro-batch x DP), and a global batch that disagrees is refused, as hai-train
+    refuses a trainer.global_batch_size that disagrees."""
+    from trainer.config import compose_config
+    from trainer.config import load_config as load_run
+
+    cluster = replace(SMALL_CLUSTER, gpus=16)
+    layout = ParallelConfig(pp=4, ep=2, schedule="dualpipe", microbatches=8)
+    plan = build_plan(tiny(), layout, cluster)
+    assert plan.layout.microbatches == 8 and plan.tokens_per_step == 8 * 1 * 4 * plan.layout.tokens
+    assert build_plan(tiny(), layout, cluster, global_batch=32).layout.microbatches == 8
+    with pytest.raises(ConfigError, match=r"parallel.microbatches=8 but --global-batch=64 / \(--micro-batch=1 x "
+                                          r"DP=4\) = 16"):
+        build_plan(tiny(), layout, cluster, global_batch=64)
+    with pytest.raises(ConfigError, match=r"parallel.microbatches=8 but trainer.global_batch_size=8 / "
+                                          r"\(trainer.micro_batch_size=1 x DP=2\) = 4"):
+        load_run(compose_config(["experiment=tiny_parallel", "parallel.microbatches=8"]), world_size=4)
+    assert load_run(compose_config(["experiment=tiny_parallel", "parallel.microbatches=4"]), world_size=4)
