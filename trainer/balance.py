@@ -3,7 +3,8 @@
 After the optimizer step (trainer/train.py; the new bias changes routing from the next step on): collect every
 MoE layer's token counts of the step (main model and MTP), sum them over the data-parallel group (so the load is
 the whole batch's, as in the paper), apply `update_bias` (b += gamma * sign(mean - load)) when balancing is
-aux-loss-free, and reset the counts. MaxVio = max load / mean load - 1 (Wang et al. 2024) is reported per layer and averaged.
+aux-loss-free, and reset the counts. MaxVio = max load / mean load - 1 (Wang et al. 2024) is reported per layer
+and averaged.
 
 Under pipeline parallelism each rank holds some layers' routers. Where several pipeline ranks hold copies of
 a layer (DualPipe), each copy counted only the micro-batches it ran: the counts are summed over the copies too
