@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,7 +75,8 @@ class _Tee:
 @contextmanager
 def rank_log(run_dir: Path, rank: int) -> Iterator[Path]:
     """Copy this process's stdout and stderr into `<run_dir>/train.rank<rank>.log` (appending: a resumed run
-    continues its log) while the block runs."""
+    continues its log) while the block runs; an exception leaving the block is written there with its traceback
+    (the console gets it from whoever catches it)."""
     path = run_dir / f"train.rank{rank}.log"
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(path, "a", buffering=1) as log:
@@ -82,5 +84,8 @@ def rank_log(run_dir: Path, rank: int) -> Iterator[Path]:
         sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
         try:
             yield path
+        except Exception:
+            log.write(traceback.format_exc())
+            raise
         finally:
             sys.stdout, sys.stderr = out, err
