@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint bench clean
+.PHONY: train test lint bench gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.model_step
+
+# The GPU smoke kit (tests/gpu: FP8 backends, training on one GPU, host syncs counted by CUDA, peak memory, one
+# rank on NCCL) on one GPU; writes bench/results/gpu_smoke.json. On a GPU machine the .venv's pinned torch is
+# PyPI's CUDA build; SMOKE_PY=python3 uses an interpreter that already holds the dependencies instead.
+SMOKE_PY ?=
+gpu-smoke:
+	$(if $(SMOKE_PY),,$(MAKE) $(STAMP))
+	$(or $(SMOKE_PY),$(PY)) -m pytest -q -rs -m gpu tests/gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

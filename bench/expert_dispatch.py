@@ -49,7 +49,7 @@ def measure(rank: int, ep: int, gpn: int) -> list[dict]:
                 dist.barrier()
                 start = time.perf_counter()
                 with torch.no_grad():
-                    recv, _, _, layout, _ = disp.dispatch(h, idx, w)
+                    recv, _, _, layout, *_ = disp.dispatch(h, idx, w)
                     disp.combine(recv, layout)
                 elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)

@@ -84,7 +84,7 @@ class SleepMoELayer:
         weights = torch.full((n, self.topk), 1.0 / self.topk)
         exchange = self.dispatcher.dispatch_async(x.flatten(0, 1), idx, weights)
         yield
-        rows, _, _, layout, _ = exchange.wait()
+        rows, _, _, layout, *_ = exchange.wait()
         y = _Sleep.apply(rows, self.mlp, self.slot)
         exchange = self.dispatcher.combine_async(y, layout)
         yield

@@ -42,8 +42,9 @@ CHUNK_BYTES = 256 * 2**20  # float64 working set of one row chunk of gemm_refere
 Gemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
 
 
-class BackendUnavailable(RuntimeError):
-    """The requested GEMM backend cannot run on this machine; the message says what is missing."""
+class BackendUnavailable(ConfigError, RuntimeError):
+    """The requested GEMM backend cannot run on this machine; the message says what is missing (a config error:
+    choose another fp8.backend or fp8.recipe)."""
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -204,16 +205,23 @@ def torch_blockwise_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Te
 def _deepgemm_kernel(a, sa, b, sb, b_block: bool, dtype: torch.dtype) -> torch.Tensor:
     import deep_gemm
 
-    dtype = torch.bfloat16 if (b_block and dtype == torch.bfloat16) else torch.float32
-    out = torch.empty(a.shape[0], b.shape[0], dtype=dtype, device=a.device)
-    deep_gemm.fp8_gemm_nt((a, sa), (b, sb), out, recipe=(1, 128, 128) if b_block else (1, 1, 128))
+    if b_block:  # the 1d2d kernel writes bf16 only, and takes no accumulator
+        out = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device=a.device)
+        deep_gemm.fp8_gemm_nt((a, sa), (b, sb), out, recipe=(1, 128, 128))
+        return out
+    # the 1d1d kernel accumulates into an fp32 `c` (here the output itself, zeroed: D = C + A B^T)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    deep_gemm.fp8_gemm_nt((a, sa), (b, sb), out, c=out, recipe=(1, 1, 128))
     return out
 
 
 def deepgemm_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """DeepGEMM's fp8_gemm_nt: its 1d2d kernel (recipe (1, 128, 128): 1x128 x 128x128; bf16 or fp32 out) or its
-    1d1d kernel (recipe (1, 1, 128): 1x128 x 1x128; fp32 out). It brings fp32 scales to its TMA layout itself."""
+    """DeepGEMM's fp8_gemm_nt on SM90, written against its csrc/apis/gemm.hpp and jit_kernels/impls/sm90_fp8_gemm_*
+    (2025-2026): the 1d2d kernel (recipe (1, 128, 128): 1x128 x 128x128, Fprop and Dgrad) writes bf16 and refuses
+    an accumulator, so an fp32 result is that bf16 widened (within the self-check's tolerance); the 1d1d kernel
+    (recipe (1, 1, 128): 1x128 x 1x128, Wgrad) writes fp32 and requires the accumulator `c`. DeepGEMM brings the
+    fp32 scales to its TMA layout itself."""
     return _run(_deepgemm_kernel, a_q, a_scale, b_q, b_scale, out_dtype)
 
 
@@ -333,8 +341,8 @@ def _self_check(name: str, gemm: Gemm) -> None:
     g = torch.Generator().manual_seed(0)
     for m, n, k, quantize_b, out_dtype in ((200, 192, 320, quantize_128x128, torch.bfloat16),
                                            (136, 144, 256, quantize_1x128, torch.float32)):
-        a_q, a_s = quantize_1x128(torch.randn(m, k, generator=g))
-        b_q, b_s = quantize_b(torch.randn(n, k, generator=g))
+        a_q, a_s = quantize_1x128(torch.randn(m, k, generator=g, device="cpu"))
+        b_q, b_s = quantize_b(torch.randn(n, k, generator=g, device="cpu"))
         want = gemm_reference(a_q, a_s, b_q, b_s, out_dtype)
         try:
             got = gemm(*(t.cuda() for t in (a_q, a_s, b_q, b_s)), out_dtype).cpu()

@@ -18,6 +18,7 @@ deferred into a pipeline's W like the plain one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,14 +43,17 @@ class FP8Spec:
     def linear(self, x: torch.Tensor, module: Linear) -> torch.Tensor:
         return _FP8LinearFn.apply(x, module.weight, module)
 
-    def grouped(self, x: torch.Tensor, counts: torch.Tensor, module: GroupedLinear) -> torch.Tensor:
-        return _FP8GroupedLinearFn.apply(x, module.weight, counts, module)
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor, module: GroupedLinear,
+                sizes: list[int] | None = None) -> torch.Tensor:
+        return _FP8GroupedLinearFn.apply(x, module.weight, counts, module, sizes)
 
     def swiglu_experts(self, w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, rows: torch.Tensor,
-                       index: torch.Tensor, counts: torch.Tensor, packed: object = None) -> torch.Tensor:
+                       index: torch.Tensor, counts: torch.Tensor, packed: object = None,
+                       sizes: list[int] | None = None) -> torch.Tensor:
         """`packed`: (E4M3 rows, their 1x128 scales) when the rows arrived through the FP8 dispatch payload
         (fp8/recipe.py `FP8Payload`), used as the up-projection's operand as they are; None quantises the rows."""
-        return _FP8SwiGLUExpertsFn.apply(rows, index, w1.weight, w3.weight, w2.weight, counts, (w1, w3, w2), packed)
+        return _FP8SwiGLUExpertsFn.apply(rows, index, w1.weight, w3.weight, w2.weight, counts, (w1, w3, w2), packed,
+                                         sizes)
 
 
 def _wgrad(spec: FP8Spec, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +101,10 @@ class _FP8LinearFn(torch.autograd.Function):
         return dx, None, None
 
 
-def _bounds(counts: torch.Tensor) -> list[tuple[int, int]]:
-    """Each group's [start, end) rows from the per-group row counts."""
-    ends = torch.cumsum(counts, 0).tolist()
+def _bounds(counts: torch.Tensor, sizes: list[int] | None) -> list[tuple[int, int]]:
+    """Each expert's [start, end) rows: from `sizes` on the host when known, else from the counts on the device
+    (a host sync: the per-expert FP8 GEMMs need the sizes on the host)."""
+    ends = list(itertools.accumulate(sizes)) if sizes is not None else torch.cumsum(counts, 0).tolist()
     return list(zip([0, *ends[:-1]], ends))
 
 
@@ -125,10 +130,11 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     tiles never mix experts), each expert's weight in its own 128x128 blocks."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, module: GroupedLinear):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, module: GroupedLinear,
+                sizes: list[int] | None):
         spec: FP8Spec = module.fp8
         x_q, x_s = quantize_1x128(x, spec.pow2)
-        w, bounds = _fp8_weights(spec, weight), _bounds(counts)
+        w, bounds = _fp8_weights(spec, weight), _bounds(counts, sizes)
         ctx.save_for_backward(x_q, x_s)
         ctx.w, ctx.bounds, ctx.module, ctx.dtype = w, bounds, module, x.dtype
         return _grouped_fp8(spec, x_q, x_s, w, bounds, x.dtype)  # Fprop
@@ -146,7 +152,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             return_or_defer(module, lambda: _grouped_wgrad(spec, dy, dequantize(x_q, x_s, (1, 128)), ctx.bounds),
                             through_autograd=False)
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
 class _FP8SwiGLUExpertsFn(torch.autograd.Function):
@@ -156,9 +162,9 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, index: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-                counts: torch.Tensor, modules: tuple, packed: tuple | None) -> torch.Tensor:
+                counts: torch.Tensor, modules: tuple, packed: tuple | None, sizes: list[int] | None) -> torch.Tensor:
         spec: FP8Spec = modules[0].fp8
-        bounds = _bounds(counts)
+        bounds = _bounds(counts, sizes)
         ws = [_fp8_weights(spec, w) for w in (w1, w3, w2)]
         if packed is not None:  # the dispatched E4M3 rows: no second quantisation
             x_q, x_s = (t.index_select(0, index) for t in packed)
@@ -198,4 +204,4 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
         return_or_defer(m1, lambda: _grouped_wgrad(spec, da, x, bounds), through_autograd=False)
         return_or_defer(m3, lambda: _grouped_wgrad(spec, db, x, bounds), through_autograd=False)
         d_rows = torch.zeros(ctx.n_rows, dx.shape[1], dtype=dx.dtype, device=dx.device).index_add_(0, index, dx)
-        return d_rows, None, None, None, None, None, None, None
+        return d_rows, None, None, None, None, None, None, None, None

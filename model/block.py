@@ -67,7 +67,8 @@ class Block(nn.Module):
     def experts(self, arrived: Dispatched, h: torch.Tensor):
         """-> weighted routed outputs per dispatched row [R, dim], shared-expert output [B, T, dim] (or None)."""
         shared = self.ffn.shared_experts(h) if self.ffn.shared_experts is not None else None
-        return self.ffn.experts(arrived.rows, arrived.expert_ids, arrived.weights, arrived.packed), shared
+        return self.ffn.experts(arrived.rows, arrived.expert_ids, arrived.weights, arrived.packed,
+                                arrived.expert_counts, arrived.complete), shared
 
     def residual(self, x: torch.Tensor, shared: torch.Tensor | None, routed: torch.Tensor) -> torch.Tensor:
         routed = routed.view_as(x)

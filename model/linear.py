@@ -74,10 +74,12 @@ class LinearStrategy(Protocol):
 
     def linear(self, x: torch.Tensor, module: Linear) -> torch.Tensor: ...
 
-    def grouped(self, x: torch.Tensor, counts: torch.Tensor, module: GroupedLinear) -> torch.Tensor: ...
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor, module: GroupedLinear,
+                sizes: list[int] | None) -> torch.Tensor: ...
 
     def swiglu_experts(self, w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, rows: torch.Tensor,
-                       index: torch.Tensor, counts: torch.Tensor, packed: Any) -> torch.Tensor: ...
+                       index: torch.Tensor, counts: torch.Tensor, packed: Any, sizes: list[int] | None
+                       ) -> torch.Tensor: ...
 
 
 class _LinearFn(torch.autograd.Function):
@@ -132,8 +134,11 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     )
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, expert_gemm: str) -> torch.Tensor:
-    """Segment-wise matmul. Two shapes are supported, as in `torch._grouped_mm`:
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, expert_gemm: str,
+               sizes: list[int] | None = None) -> torch.Tensor:
+    """Segment-wise matmul; `counts` [E] are the segments' sizes on the device, `sizes` the same on the host when
+    known (the loop needs them there: without them it reads `counts`, a host sync). Two shapes are supported, as
+    in `torch._grouped_mm`:
 
     - a [M, K], b [E, K, N]            -> [M, N]     rows of segment e times b[e]   (Fprop, Dgrad)
     - a [K, M], b [M, N] (2-D x 2-D)   -> [E, K, N]  segment e of the shared M axis   (Wgrad)
@@ -145,7 +150,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, expert_ge
     if expert_gemm == "grouped_mm" and hasattr(F, "grouped_mm") and _aligned(a, b):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return F.grouped_mm(a, b, offs=offs)
-    sizes = counts.tolist()
+    sizes = counts.tolist() if sizes is None else sizes
     if b.dim() == 3:
         chunks = torch.split(a, sizes, dim=0)
         return torch.cat([c @ b[e] for e, c in enumerate(chunks)], dim=0)
@@ -155,23 +160,25 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, expert_ge
 
 class _GroupedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, module: GroupedLinear):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, module: GroupedLinear,
+                sizes: list[int] | None):
         w = weight.to(x.dtype)
         ctx.save_for_backward(x, w, counts)
-        ctx.module = module
-        return grouped_mm(x, w.transpose(1, 2), counts, module.expert_gemm)  # Fprop  [M, out]
+        ctx.module, ctx.sizes = module, sizes
+        return grouped_mm(x, w.transpose(1, 2), counts, module.expert_gemm, sizes)  # Fprop  [M, out]
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w, counts = ctx.saved_tensors
         module: GroupedLinear = ctx.module
+        gemm, sizes = module.expert_gemm, ctx.sizes
         dy = dy.contiguous()
-        dx = grouped_mm(dy, w, counts, module.expert_gemm) if ctx.needs_input_grad[0] else None  # Dgrad
+        dx = grouped_mm(dy, w, counts, gemm, sizes) if ctx.needs_input_grad[0] else None  # Dgrad
         if not ctx.needs_input_grad[1]:
-            return dx, None, None, None
+            return dx, None, None, None, None
         dtype = module.weight.dtype
-        wgrad = return_or_defer(module, lambda: grouped_mm(dy.t(), x, counts, module.expert_gemm).to(dtype))
-        return dx, wgrad, None, None  # Wgrad [E, out, in]
+        wgrad = return_or_defer(module, lambda: grouped_mm(dy.t(), x, counts, gemm, sizes).to(dtype))
+        return dx, wgrad, None, None, None  # Wgrad [E, out, in]
 
 
 class GroupedLinear(nn.Module):
@@ -189,23 +196,25 @@ class GroupedLinear(nn.Module):
         self.fp8: LinearStrategy | None = None  # set by fp8.recipe.apply_fp8
         nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [M, in] sorted by expert, counts [E] (sum M) -> [M, out]."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+        """x [M, in] sorted by expert, counts [E] (sum M) on the device, `sizes` the same on the host if known
+        -> [M, out]."""
         if self.fp8 is not None:
-            return self.fp8.grouped(x, counts, self)
-        return _GroupedLinearFn.apply(x, self.weight, counts, self)
+            return self.fp8.grouped(x, counts, self, sizes)
+        return _GroupedLinearFn.apply(x, self.weight, counts, self, sizes)
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 def swiglu_experts(w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, rows: torch.Tensor, index: torch.Tensor,
-                   counts: torch.Tensor, packed: Any = None) -> torch.Tensor:
+                   counts: torch.Tensor, packed: Any = None, sizes: list[int] | None = None) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for x = rows[index], sorted by expert (counts [E] rows each). With an FP8 strategy on
     w1 the strategy runs the whole FFN (fp8/linear.py: FP8 caches, SwiGLU recomputed in backward); `packed` is the
     form in which the dispatch delivered the rows (its payload's, e.g. their exact E4M3 bytes), which such a
-    strategy may use as its operand instead of quantising the rows again; None when they arrived as they are."""
+    strategy may use as its operand instead of quantising the rows again; None when they arrived as they are.
+    `sizes`: `counts` on the host when known (Dispatched.expert_counts)."""
     if w1.fp8 is not None:
-        return w1.fp8.swiglu_experts(w1, w3, w2, rows, index, counts, packed)
+        return w1.fp8.swiglu_experts(w1, w3, w2, rows, index, counts, packed, sizes)
     x = rows.index_select(0, index)  # backward: an index_add
-    return w2(F.silu(w1(x, counts)) * w3(x, counts), counts)
+    return w2(F.silu(w1(x, counts, sizes)) * w3(x, counts, sizes), counts, sizes)

@@ -74,8 +74,10 @@ class Gate(Linear):
         idx = self.select(scores.detach())
         weights = scores.gather(1, idx)
         weights = weights / weights.sum(-1, keepdim=True) * self.route_scale  # (N, K)
-        if _counting():
-            self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=scores.shape[1]).float()
+        if _counting():  # on the device (a bincount would sync the host)
+            flat = idx.flatten()
+            counts = self.tokens_per_expert
+            counts.index_add_(0, flat, torch.ones(flat.shape, dtype=counts.dtype, device=flat.device))
         return scores, idx, weights
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,10 @@ def expert_balance_loss(scores: torch.Tensor, idx: torch.Tensor, alpha: float) -
     """Classic expert-level auxiliary loss over all tokens of the micro-batch (for ablations, paper 4.5.2)."""
     n_tokens, n_experts = scores.shape
     k = idx.shape[1]
-    f = torch.bincount(idx.flatten(), minlength=n_experts).float() * (n_experts / (k * n_tokens))
+    flat = idx.flatten()
+    chosen = torch.zeros(n_experts, dtype=torch.float32, device=scores.device).index_add_(
+        0, flat, torch.ones(flat.shape, dtype=torch.float32, device=scores.device))
+    f = chosen * (n_experts / (k * n_tokens))
     p = (scores / scores.sum(-1, keepdim=True)).mean(0)
     return alpha * (f * p).sum()
 
@@ -153,10 +158,11 @@ class RoutedExperts(nn.Module):
         self.w2 = GroupedLinear(n_experts, inter_dim, dim, expert_gemm)
         self.w3 = GroupedLinear(n_experts, dim, inter_dim, expert_gemm)
 
-    def forward(self, rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                packed: Any = None) -> torch.Tensor:
-        """rows [R, dim]; expert_ids [R, K] local ids (-1 = expert not here); weights [R, K] fp32; `packed` the
-        dispatch payload's form of the rows (`Dispatched.packed`).
+    def forward(self, rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, packed: Any = None,
+                expert_counts: list[int] | None = None, complete: bool = False) -> torch.Tensor:
+        """rows [R, dim]; expert_ids [R, K] local ids (-1 = expert not here); weights [R, K] fp32; `packed`,
+        `expert_counts` and `complete` as in `Dispatched`. The number of valid slots comes from `expert_counts` or
+        `complete` without a host sync, else it is read from the device (one sync).
 
         Returns [R, dim]: sum_k weights[r, k] * expert_{ids[r, k]}(rows[r]), accumulated in fp32 (DeepEP's
         normal-mode layout: one row per token and destination, weighted before the combine).
@@ -165,11 +171,15 @@ class RoutedExperts(nn.Module):
         flat = expert_ids.flatten()
         sort_key = torch.where(flat < 0, self.n_experts, flat)
         order = torch.argsort(sort_key, stable=True)
-        counts = torch.bincount(sort_key, minlength=self.n_experts + 1)
-        n_valid = int(counts[: self.n_experts].sum())
+        counts = torch.zeros(self.n_experts + 1, dtype=torch.long, device=flat.device).index_add_(
+            0, sort_key, torch.ones_like(sort_key))[: self.n_experts]  # on the device: no host sync
+        if expert_counts is not None:
+            n_valid = sum(expert_counts)
+        else:
+            n_valid = flat.numel() if complete else int((flat >= 0).sum())
         pairs = order[:n_valid]  # (M,) flat (row, slot) indices sorted by expert
-        counts = counts[: self.n_experts]
-        y = swiglu_experts(self.w1, self.w3, self.w2, rows, pairs // k, counts, packed)  # (M, dim), rows[pairs // k]
+        y = swiglu_experts(self.w1, self.w3, self.w2, rows, pairs // k, counts, packed,
+                           expert_counts)  # (M, dim), rows[pairs // k]
         y = y.float() * weights.flatten()[pairs].unsqueeze(-1)
         out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
         return out.index_add_(0, pairs // k, y).to(rows.dtype)
@@ -183,6 +193,10 @@ class Dispatched(NamedTuple):
     weights: torch.Tensor  # [R, K] fp32 gate weights, 0 where expert_ids is -1
     layout: Any  # what the combine needs to send the outputs back (None when nothing travelled)
     packed: Any = None  # the payload's form of the rows, e.g. their E4M3 bytes and scales; None: sent as they are
+    # (row, slot) pairs per local expert on the host: the expert GEMMs' sizes, which the expert-parallel dispatch
+    # knows without a host sync of its own from its counts exchange; None: not known on the host
+    expert_counts: list[int] | None = None
+    complete: bool = False  # every slot of expert_ids names a local expert (no -1), as in the local dispatch
 
 
 class Ready:
@@ -203,12 +217,14 @@ class LocalDispatcher:
     with.
     """
 
-    waited_s = linked_s = 0.0  # seconds waited for exchanges, and their simulated link time: none here
+    linked_s = 0.0  # simulated link seconds of exchanges: none here
+    clock = None  # no exchange to time (the all-to-all dispatcher's clock times its waits)
+    tag = ""  # the kind of pipeline action running, which an executor sets on every dispatcher
     during_exchange = None  # no backward exchange to run anything behind
 
     def dispatch_async(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> Ready:
         """h [N, dim], idx/weights [N, K] -> a `Dispatched` once waited for."""
-        return Ready(Dispatched(h, idx, weights, None))
+        return Ready(Dispatched(h, idx, weights, None, complete=True))
 
     def combine_async(self, y: torch.Tensor, layout: object) -> Ready:
         return Ready(y)

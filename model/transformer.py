@@ -58,6 +58,13 @@ class Transformer(nn.Module):
             if name.endswith("gate.bias"):
                 buf.zero_()
 
+    @staticmethod
+    def gate_names(cfg: ModelConfig) -> list[str]:
+        """The module paths of every router of the model of `cfg` (main MoE layers, then MTP blocks), whichever
+        parts a pipeline stage holds."""
+        main = [f"layers.{i}.ffn.gate" for i in range(cfg.first_k_dense, cfg.n_layers)]
+        return main + [f"mtp.{k}.block.ffn.gate" for k in range(cfg.n_mtp_depth)]  # MTP blocks are MoE blocks
+
     def drop_mtp(self) -> None:
         """Remove the MTP modules (inference does not need them, paper 2.2)."""
         self.mtp = None

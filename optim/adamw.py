@@ -4,6 +4,7 @@ tensor (`adamw_update`, which ZeRO-1 in parallel/zero.py runs on flat shards) an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -85,9 +86,9 @@ class AdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, lr: float, max_norm: float = 0.0) -> float:
-        norm = clip_grad_norm_(self.params.values(), max_norm)
-        if not torch.isfinite(norm):
-            return float(norm)
+        norm = float(clip_grad_norm_(self.params.values(), max_norm))  # the step's one host sync
+        if not math.isfinite(norm):
+            return norm
         for name, p in self.params.items():
             grad = grad_of(p)
             if grad is None:
@@ -98,7 +99,7 @@ class AdamW(Optimizer):
                          weight_decay_of(p, self.cfg))
             if name in self.masters:
                 p.copy_(master)  # round to nearest into the compute dtype
-        return float(norm)
+        return norm
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat name -> tensor map (safetensors-ready) under the keys of optim/optimizer.py; `step.<name>` is 0-d
@@ -109,7 +110,7 @@ class AdamW(Optimizer):
                 out[f"master.{name}"] = self.masters[name]
             out[f"exp_avg.{name}"] = self.exp_avg[name]
             out[f"exp_avg_sq.{name}"] = self.exp_avg_sq[name]
-            out[f"step.{name}"] = torch.tensor(self.steps[name], dtype=torch.int64)
+            out[f"step.{name}"] = torch.tensor(self.steps[name], dtype=torch.int64, device="cpu")
         return out
 
     @torch.no_grad()

@@ -115,7 +115,7 @@ def grad_norm_sq(grads: Iterable[Tensor]) -> Tensor:
     A ZeRO rank computes it over its local gradient shards and all-reduces it before the square root."""
     squares = [torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads]
     if not squares:
-        return torch.zeros((), dtype=torch.float32)
+        return torch.zeros((), dtype=torch.float32, device="cpu")
     return torch.stack([s.to(squares[0].device) for s in squares]).sum()
 
 
@@ -123,17 +123,22 @@ def grad_norm_sq(grads: Iterable[Tensor]) -> Tensor:
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
     """Global L2 norm of the parameters' gradients (`grad_of`) in fp32 (0-d), returned as it was before clipping.
 
-    When the norm exceeds `max_norm`, the gradients are scaled in place by max_norm / (norm + 1e-6), as in
-    torch.nn.utils.clip_grad_norm_. A non-finite norm leaves the gradients untouched, so that the caller can
-    skip the step or stop. max_norm = 0 only computes the norm.
+    With max_norm > 0 the gradients are scaled in place by min(1, max_norm / (norm + 1e-6)), as
+    torch.nn.utils.clip_grad_norm_ does, on the device (no host sync); a non-finite norm leaves them untouched, so
+    that the caller can skip the step or stop. max_norm = 0 only computes the norm.
     """
     if max_norm < 0:
         raise ValueError(f"clip_grad_norm_: max_norm must be >= 0 (0 = no clipping), got {max_norm}")
     grads = [g for g in map(grad_of, params) if g is not None]
     norm = grad_norm_sq(grads).sqrt()
-    # One host sync per step; the trainer reads the norm anyway.
-    if max_norm > 0 and torch.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(scale.to(g.device))
+    if max_norm > 0 and grads:
+        scale_grads_(grads, norm, max_norm)
     return norm
+
+
+def scale_grads_(grads: Iterable[Tensor], norm: Tensor, max_norm: float) -> None:
+    """The clip: multiply by min(1, max_norm / (norm + 1e-6)), or by 1 when the norm is not finite; on the device.
+    A factor of exactly 1 leaves a gradient bitwise as it was."""
+    scale = torch.where(torch.isfinite(norm), (max_norm / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(norm))
+    for g in grads:
+        g.mul_(scale.to(g.device))

@@ -42,7 +42,6 @@ time spent waiting for payload exchanges (the all-to-all time not hidden behind 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from model.moe import Dispatched
+from parallel.clock import Clock
 from parallel.fabric import Fabric, LinkDelay
 
 
@@ -101,21 +101,23 @@ class DispatchLayout:
     row_weights: torch.Tensor  # (R, K) fp32, 0 where local_ids == -1
     src_rank: torch.Tensor  # (R,) EP rank the row's token came from
     src_token: torch.Tensor  # (R,) the token's index on its source rank
+    expert_counts: list[int]  # (row, slot) pairs received for each local expert (host: from the counts exchange)
 
 
 class CommHandle:
     """An exchange in flight; `wait()` completes it (driving any later hop) and returns the result. The time
-    spent in `wait()` (communication the caller did not hide behind compute) is passed to `waited`."""
+    spent in `wait()` (communication the caller did not hide behind compute) is counted on `clock` under `key()`:
+    host time on the CPU, the compute stream's stall on CUDA (parallel/clock.py)."""
 
-    def __init__(self, flow: Flow, finish: Callable[[list[torch.Tensor]], object],
-                 waited: Callable[[float], None] | None = None) -> None:
-        self._flow, self._finish, self._waited = flow, finish, waited
+    def __init__(self, flow: Flow, finish: Callable[[list[torch.Tensor]], object], clock: Clock | None = None,
+                 key: Callable[[], str] | None = None) -> None:
+        self._flow, self._finish, self._clock, self._key = flow, finish, clock, key
         self._works = next(flow)  # launches the first hop now
         self._done, self._result = False, None
 
     def wait(self):
         if not self._done:
-            t0 = time.perf_counter()
+            start = self._clock.mark() if self._clock is not None else None
             while True:
                 for work in self._works:
                     work.wait()
@@ -125,8 +127,8 @@ class CommHandle:
                     self._result = self._finish(stop.value)
                     break
             self._done, self._flow, self._works = True, None, []
-            if self._waited is not None:
-                self._waited(time.perf_counter() - t0)
+            if self._clock is not None:
+                self._clock.add(self._key(), start, self._clock.mark())
         return self._result
 
 
@@ -167,7 +169,8 @@ class ExpertParallelDispatcher:
     """All-to-all dispatch/combine over an EP process group (see the module docstring)."""
 
     def __init__(self, group: dist.ProcessGroup | None, n_experts: int, gpus_per_node: int = 8,
-                 hierarchical: bool = False, fabric: Fabric | None = None, payload: Payload | None = None) -> None:
+                 hierarchical: bool = False, fabric: Fabric | None = None, payload: Payload | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.group, self.fabric = group, fabric
         self.ep = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -182,9 +185,12 @@ class ExpertParallelDispatcher:
         self.hierarchical = hierarchical
         # with one node, or one rank per node, the flat exchange already sends a token once per node
         self._two_hop = hierarchical and self.n_nodes > 1 and self.gpus_per_node > 1
-        self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0, wait_s=0.0, link_s=0.0)
-        # running totals (never reset) of `wait_s` and `link_s`, for per-action accounting by a pipeline executor
-        self.waited_s = self.linked_s = 0.0
+        self._stats = dict(dispatches=0, dispatch_rows=0, tokens=0, cross_node_bytes=0, link_s=0.0)
+        # the exposed all-to-all: time spent waiting for payload exchanges, on `clock` under "a2a_wait:<tag>"; a
+        # pipeline executor sets `tag` to the kind of the action running, to tell its waits apart
+        self.clock, self.tag = Clock(device), ""
+        self._waited_seen = 0.0  # the clock's a2a_wait total at the last stats()
+        self.linked_s = 0.0  # running total (never reset) of `link_s`, for per-action accounting by an executor
         # called right after a backward exchange is launched and before it is waited for: a pipeline's overlapped
         # chunk runs another micro-batch's forward there (parallel/pipeline/overlap.py)
         self.during_exchange: Callable[[], None] | None = None
@@ -225,16 +231,16 @@ class ExpertParallelDispatcher:
             unpacked, packed = self.unpack(tensors)
             rows, row_weights = _Dispatch.apply(h, weights, (self, layout, unpacked.to(h.dtype),
                                                              layout.row_weights.clone()))
-            return Dispatched(rows, layout.local_ids, row_weights, layout, packed)
+            return Dispatched(rows, layout.local_ids, row_weights, layout, packed, layout.expert_counts)
 
-        return CommHandle(self._dispatch_flow(layout, packed), finish, self._waited)
+        return CommHandle(self._dispatch_flow(layout, packed), finish, self.clock, self._wait_key)
 
     def combine_async(self, y: torch.Tensor, layout: DispatchLayout) -> CommHandle:
         """Start sending y back; `wait()` returns what `combine` does."""
         def finish(tensors: list[torch.Tensor]) -> torch.Tensor:
             return _Combine.apply(y, (self, layout, tensors[0].to(y.dtype)))
 
-        return CommHandle(self._combine_flow(layout, [y.detach()]), finish, self._waited)
+        return CommHandle(self._combine_flow(layout, [y.detach()]), finish, self.clock, self._wait_key)
 
     def stats(self) -> dict[str, float]:
         """Totals since the last call (then reset): dispatches, dispatch_rows, tokens, cross_node_bytes, wait_s,
@@ -242,42 +248,55 @@ class ExpertParallelDispatcher:
         link_s, the simulated fabric's modelled seconds of those exchanges (0 without a fabric)."""
         out = dict(self._stats)
         self._stats = dict.fromkeys(out, 0)
+        waited = sum(v for k, v in self.clock.totals().items() if k.startswith("a2a_wait:"))
+        out["wait_s"], self._waited_seen = waited - self._waited_seen, waited
         return out
 
-    def _waited(self, seconds: float) -> None:
-        self._stats["wait_s"] += seconds
-        self.waited_s += seconds
+    def _wait_key(self) -> str:
+        return f"a2a_wait:{self.tag}"
 
     # ---- layout (counts + metadata) -----------------------------------------------------------------------
+    # Host syncs: one per hop (the counts exchange's copy to the host, which gives the send and receive sizes and,
+    # on the last hop, the rows per local expert); the pairs are materialised on the device from those sizes.
     def _plan(self, idx: torch.Tensor, weights: torch.Tensor) -> DispatchLayout:
         n, k = idx.shape
-        idx = idx.long()
+        idx, dev = idx.long(), idx.device
         w_bits = weights.detach().float().contiguous().view(torch.int32)  # (N, K) fp32 bits
-        tok = torch.arange(n, dtype=torch.int32)
-        src = torch.stack([torch.full((n,), self.rank, dtype=torch.int32), tok], 1)  # (N, 2) source rank, token
+        src = torch.stack([torch.full((n,), self.rank, dtype=torch.int32, device=dev),
+                           torch.arange(n, dtype=torch.int32, device=dev)], 1)  # (N, 2) source rank, token
+        hops = []
         if self._two_hop:
             # hop 1: one row per (token, destination node), to the rank with our local index there
             per_node = self.per_rank * self.gpus_per_node
             node_of = idx // per_node  # (N, K)
-            node, tok1 = _pairs(node_of, self.n_nodes)  # (S1,) sorted by node, then token
+            hit = _hits(node_of, self.n_nodes)  # (N, nodes)
+            relay = torch.arange(self.n_nodes, device=dev) * self.gpus_per_node + self.rank % self.gpus_per_node
+            rows = torch.zeros(self.ep, dtype=torch.long, device=dev).index_add_(0, relay, hit.sum(0))
+            send_l, recv_l, _ = self._exchange_counts(rows[:, None])
+            node, tok1 = _pairs(hit, sum(send_l))  # (S1,) sorted by node, then token
             here = node_of[tok1] == node[:, None]  # (S1, K)
             meta = torch.cat([torch.where(here, idx[tok1], -1).int(), w_bits[tok1].masked_fill(~here, 0),
                               src[tok1]], 1)  # (S1, 2K+2): global ids, weight bits, source
-            hop1, meta = self._exchange(tok1, node * self.gpus_per_node + self.rank % self.gpus_per_node,
-                                          meta, n)
+            hop1, meta = self._exchange_meta(tok1, send_l, recv_l, meta, n)
             # hop 2 (inside the node): one row per (received row, rank holding any of its experts)
             gid = meta[:, :k].long()  # (R1, K), -1 = expert on another node
-            hops = [hop1]
+            hops.append(hop1)
             dest_of = torch.where(gid >= 0, gid // self.per_rank, self.ep)  # (R1, K), ep = nowhere
             ids, row_w, src = gid, meta[:, k:2 * k], meta[:, 2 * k:]
             n_in = meta.shape[0]
         else:
-            dest_of, ids, row_w, n_in, hops = idx // self.per_rank, idx, w_bits, n, []
-        dest, row = _pairs(dest_of, self.ep)  # (S,) sorted by destination rank, then row
+            dest_of, ids, row_w, n_in = idx // self.per_rank, idx, w_bits, n
+        hit = _hits(dest_of, self.ep)  # (n_in, ep)
+        slots = torch.where(ids >= 0, ids, self.n_experts).flatten()  # every (row, slot) to one expert, or nowhere
+        per_expert = torch.zeros(self.n_experts + 1, dtype=torch.long, device=dev).index_add_(
+            0, slots, torch.ones_like(slots))[:-1].view(self.ep, self.per_rank)  # (ep, E/EP) slots to each expert
+        send_l, recv_l, received = self._exchange_counts(torch.cat([hit.sum(0)[:, None], per_expert], 1))
+        expert_counts = [sum(row[1 + e] for row in received) for e in range(self.per_rank)]
+        dest, row = _pairs(hit, sum(send_l))  # (S,) sorted by destination rank, then row
         here = dest_of[row] == dest[:, None]  # (S, K)
         local = torch.where(here, ids[row] - dest[:, None] * self.per_rank, -1).int()
         meta = torch.cat([local, row_w[row].masked_fill(~here, 0), src[row]], 1)  # (S, 2K+2)
-        hop, meta = self._exchange(row, dest, meta, n_in)
+        hop, meta = self._exchange_meta(row, send_l, recv_l, meta, n_in)
         hops.append(hop)
         src_rank, src_token = meta[:, 2 * k].long(), meta[:, 2 * k + 1].long()  # (R,)
         perm = None
@@ -286,15 +305,21 @@ class ExpertParallelDispatcher:
             meta, src_rank, src_token = meta[perm], src_rank[perm], src_token[perm]
         return DispatchLayout(n_tokens=n, hops=hops, perm=perm, local_ids=meta[:, :k].long(),
                               row_weights=meta[:, k:2 * k].contiguous().view(torch.float32),
-                              src_rank=src_rank, src_token=src_token)
+                              src_rank=src_rank, src_token=src_token, expert_counts=expert_counts)
 
-    def _exchange(self, index: torch.Tensor, dest: torch.Tensor, meta: torch.Tensor, n_in: int
-                  ) -> tuple[Hop, torch.Tensor]:
-        """Count exchange, then metadata exchange, for send rows `index` going to ranks `dest` (sorted)."""
-        send = torch.bincount(dest, minlength=self.ep)  # (ep,)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        send_l, recv_l = send.tolist(), recv.tolist()
+    def _exchange_counts(self, counts: torch.Tensor) -> tuple[list[int], list[int], list[list[int]]]:
+        """All-to-all of per-destination counts [ep, c] (column 0: rows; then anything else per destination), and
+        the one copy of what was sent and received to the host: (rows sent to each rank, rows received from
+        each, the received count rows)."""
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts.contiguous(), group=self.group)
+        both = torch.cat([counts, recv]).tolist()  # the hop's one host sync
+        sent, received = both[:self.ep], both[self.ep:]
+        return [r[0] for r in sent], [r[0] for r in received], received
+
+    def _exchange_meta(self, index: torch.Tensor, send_l: list[int], recv_l: list[int], meta: torch.Tensor,
+                       n_in: int) -> tuple[Hop, torch.Tensor]:
+        """Metadata exchange for send rows `index` (sorted by destination), `send_l` of them to each rank."""
         meta_in = meta.new_empty((sum(recv_l), meta.shape[1]))
         dist.all_to_all_single(meta_in, meta.contiguous(), recv_l, send_l, group=self.group)
         cross = sum(c for r, c in enumerate(send_l) if r // self.gpus_per_node != self.node)
@@ -336,7 +361,7 @@ class ExpertParallelDispatcher:
             tensors, works = self._a2a(tensors, hop.recv, hop.send)
             yield works
             last = i == len(layout.hops) - 1
-            tensors = [torch.zeros((hop.n_in, *t.shape[1:]), dtype=torch.float32)
+            tensors = [torch.zeros((hop.n_in, *t.shape[1:]), dtype=torch.float32, device=t.device)
                        .index_add_(0, hop.index, t.float()).to(torch.float32 if last else dt)
                        for t, dt in zip(tensors, dtypes)]  # relays send partial sums in the payload dtype
         return tensors
@@ -344,17 +369,24 @@ class ExpertParallelDispatcher:
     def _run(self, flow: Flow) -> list[torch.Tensor]:
         """A backward exchange (autograd runs it in the middle of a backward): launched, then `during_exchange`
         (if set) computes something else, then waited for."""
-        handle = CommHandle(flow, lambda tensors: tensors, self._waited)
+        handle = CommHandle(flow, lambda tensors: tensors, self.clock, self._wait_key)
         if self.during_exchange is not None:
             self.during_exchange()
         return handle.wait()
 
 
-def _pairs(target: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """target [M, K] (values >= n_targets mean none) -> (target, row) of every distinct (row, target) pair,
-    sorted by target, then row."""
-    m = target.shape[0]
-    hit = torch.zeros(m, n_targets + 1, dtype=torch.bool)
-    hit.scatter_(1, target.clamp(max=n_targets), True)  # (M, T+1)
-    t, row = hit[:, :n_targets].t().nonzero(as_tuple=True)
-    return t, row
+def _hits(target: torch.Tensor, n_targets: int) -> torch.Tensor:
+    """target [M, K] (values >= n_targets mean none) -> bool [M, n_targets]: whether row m goes to target t."""
+    hit = torch.zeros(target.shape[0], n_targets + 1, dtype=torch.bool, device=target.device)
+    return hit.scatter_(1, target.clamp(max=n_targets), True)[:, :n_targets]
+
+
+def _pairs(hit: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, row) of every True of hit [M, T], sorted by target, then row, of which there are `count` (known on
+    the host): what `hit.t().nonzero()` gives, without its host sync."""
+    m = hit.shape[0]
+    flat = hit.t().reshape(-1)
+    slot = torch.where(flat, flat.cumsum(0) - 1, count)  # the i-th True goes to slot i, every False to slot `count`
+    where = torch.empty(count + 1, dtype=torch.long, device=hit.device)
+    where.scatter_(0, slot, torch.arange(flat.numel(), device=hit.device))
+    return where[:count] // m, where[:count] % m

@@ -31,6 +31,7 @@ on the world size.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 
@@ -40,7 +41,7 @@ import torch.distributed as dist
 from core.config import ConfigError
 from parallel.config import ParallelConfig
 
-__all__ = ["GridLayout", "ProcessGrid", "resolve_device"]
+__all__ = ["GridLayout", "ProcessGrid", "check_launch", "device_type", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -193,21 +194,26 @@ class ProcessGrid(GridLayout):
     def build(cls, cfg: ParallelConfig, device: str = "auto") -> ProcessGrid:
         """This process's grid for a layout already validated for the world size (RunConfig.validate): alone when
         no process group exists and WORLD_SIZE is 1, else join the default process group (initialising it from
-        torchrun's environment if needed: nccl on a CUDA device, gloo on the CPU) and create every group.
-        `device`: trainer.device (auto = this rank's GPU, LOCAL_RANK, when CUDA is available)."""
+        torchrun's environment if needed) and create every group. `device`: trainer.device (auto = this rank's
+        GPU, LOCAL_RANK, when CUDA is available). The launch is checked first (`check_launch`), before any group.
+
+        On a CUDA device every group carries two backends, `cuda:nccl,cpu:gloo`: tensors on the GPU go over NCCL,
+        host values (metrics, checkpoint indexes) over gloo, so that no collective needs a host tensor copied to
+        the device or back. On the CPU it is gloo alone."""
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         layout = GridLayout.of(world, cfg, rank)
         place = resolve_device(device)
+        check_launch(cfg, world, place, os.environ, torch.cuda.device_count() if place.type == "cuda" else 0)
         if world == 1 and not dist.is_initialized():
             return cls(**_fields(layout), backend=None, device=place, groups={})
         if place.type == "cuda":
             torch.cuda.set_device(place)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if place.type == "cuda" else "gloo",
-                                    timeout=timedelta(seconds=cfg.timeout_s))
+        backend = BACKENDS[place.type]
         timeout = timedelta(seconds=cfg.timeout_s)
-        groups = {kind: _new_groups(getattr(layout, f"{kind}_groups")(), rank, timeout)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timeout)
+        groups = {kind: _new_groups(getattr(layout, f"{kind}_groups")(), rank, timeout, backend)
                   for kind in ("dp", "pp", "ep", "edp", "mirror", "embed")}
         return cls(**_fields(layout), backend=dist.get_backend(), device=place, groups=groups)
 
@@ -232,19 +238,54 @@ def _fields(layout: GridLayout) -> dict:
     return {f.name: getattr(layout, f.name) for f in fields(GridLayout)}
 
 
-def _new_groups(groups: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup | None:
+BACKENDS = {"cuda": "cuda:nccl,cpu:gloo", "cpu": "gloo"}  # by device type (ProcessGrid.build says why)
+
+
+def _new_groups(groups: list[list[int]], rank: int, timeout: timedelta, backend: str) -> dist.ProcessGroup | None:
     mine = None
     for ranks in groups:  # every rank creates every group, in the same order
-        group = dist.new_group(ranks, timeout=timeout)
+        group = dist.new_group(ranks, timeout=timeout, backend=backend)
         if rank in ranks:
             mine = group
     return mine
 
 
+def device_type(name: str, cuda: bool | None = None) -> str:
+    """The device type trainer.device names: auto is cuda when CUDA is available (`cuda`: the probe's answer,
+    default torch.cuda.is_available()), else cpu."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if name == "cpu" or (name == "auto" and not cuda):
+        return "cpu"
+    if not cuda:
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+    return "cuda"
+
+
 def resolve_device(name: str) -> torch.device:
     """trainer.device: auto (this rank's GPU, LOCAL_RANK, when CUDA is available, else the CPU), cpu or cuda."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    if device_type(name) == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_launch(cfg: ParallelConfig, world: int, device: torch.device, env: Mapping[str, str],
+                 device_count: int) -> None:
+    """On GPUs, a job of several processes must come from a launcher that says which GPU is whose (torchrun or
+    SLURM through launch/slurm/train.sbatch: LOCAL_RANK, LOCAL_WORLD_SIZE), with parallel.gpus_per_node the
+    processes per node it started; without that every rank would take GPU 0, or node-limited routing would
+    group the wrong ranks. CPU runs simulate nodes, so nothing is checked there."""
+    if device.type != "cuda" or world == 1:
+        return
+    missing = [k for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if k not in env]
+    if missing:
+        raise ConfigError(f"{world} processes on CUDA but {' and '.join(missing)} not set: start the job with torchrun "
+                          "(hai-launch) or under SLURM with launch/slurm/train.sbatch, which say which GPU each "
+                          "process uses")
+    local_world, local_rank = int(env["LOCAL_WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    if local_world != cfg.gpus_per_node:
+        raise ConfigError(f"parallel.gpus_per_node={cfg.gpus_per_node} but the launcher started LOCAL_WORLD_SIZE="
+                          f"{local_world} processes on this node; set parallel.gpus_per_node={local_world} (the "
+                          "ranks of one node, which node-limited routing and hierarchical dispatch rely on)")
+    if not 0 <= local_rank < device_count:
+        raise ConfigError(f"LOCAL_RANK={local_rank} but this node has {device_count} GPU(s): start at most "
+                          f"{device_count} processes per node")

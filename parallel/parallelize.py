@@ -57,4 +57,4 @@ def apply_expert_parallel(model: nn.Module, grid: ProcessGrid, cfg: ParallelConf
         moe.experts.n_experts = end - start
         moe.dispatcher = ExpertParallelDispatcher(grid.ep_group, n_experts, gpus_per_node=grid.gpus_per_node,
                                                   hierarchical=cfg.dispatch == "hierarchical", fabric=cfg.fabric,
-                                                  payload=payload)
+                                                  payload=payload, device=grid.device)

@@ -64,7 +64,7 @@ from core.config import torch_dtype
 from model.grads import grad_of
 from optim.adamw import AdamW, adamw_update, weight_decay_of
 from optim.config import OptimConfig
-from optim.optimizer import Optimizer, Read, ShapeOf, grad_norm_sq
+from optim.optimizer import Optimizer, Read, ShapeOf, grad_norm_sq, scale_grads_
 from parallel.expert import is_expert_param
 from parallel.grid import ProcessGrid
 
@@ -109,9 +109,9 @@ class _Bucket:
     shard_size: int
     segments: list[_Segment] = field(default_factory=list)
     runs: list[tuple[int, int, float]] = field(default_factory=list)  # (lo, hi, weight decay), padding excluded
-    master: Tensor = field(default_factory=lambda: torch.empty(0))
-    exp_avg: Tensor = field(default_factory=lambda: torch.empty(0))
-    exp_avg_sq: Tensor = field(default_factory=lambda: torch.empty(0))
+    master: Tensor = field(default_factory=lambda: torch.empty(0, device="cpu"))  # set by _build_bucket
+    exp_avg: Tensor = field(default_factory=lambda: torch.empty(0, device="cpu"))
+    exp_avg_sq: Tensor = field(default_factory=lambda: torch.empty(0, device="cpu"))
     step: int = 0
     grad_shard: Tensor | None = None
 
@@ -134,6 +134,8 @@ class ZeroOptimizer(Optimizer):
     convention). `extra_group`: a further group the gradient norm is summed over (the pipeline group with PP).
     `norm_share(name)`: the fraction of a parameter's squared gradient this rank counts in the global norm (1 by
     default; 1/k for a parameter that k pipeline ranks hold, such as DualPipe's two copies of every stage).
+    `force_collectives`: run the reduce-scatter, all-reduce and all-gather even over groups of one rank (the GPU
+    smoke kit checks devices and dtypes on a one-rank NCCL group with it; the results are the same).
     Every method that communicates (step, grad_norm, full_state_dict, the loads) must be called on all ranks.
     """
 
@@ -141,7 +143,7 @@ class ZeroOptimizer(Optimizer):
                  dp_group: dist.ProcessGroup | None, expert_dp_group: dist.ProcessGroup | None,
                  is_expert: Callable[[str], bool], grad_scale_expert: float = 1.0,
                  extra_group: dist.ProcessGroup | None = None,
-                 norm_share: Callable[[str], float] | None = None) -> None:
+                 norm_share: Callable[[str], float] | None = None, force_collectives: bool = False) -> None:
         super().__init__(named_params, cfg)
         self.dp = _Group.of(dp_group)
         self.expert_dp = _Group.of(expert_dp_group) if expert_dp_group is not None else self.dp
@@ -150,6 +152,11 @@ class ZeroOptimizer(Optimizer):
             raise ValueError(f"ZeroOptimizer: the expert-DP group size {self.expert_dp.size} must divide the DP "
                              f"size {self.dp.size} (DP = EP x expert-DP)")
         self.grad_scale_expert = grad_scale_expert
+        self.force_collectives = force_collectives
+        devices = {p.device for p in self.params.values()}
+        if len(devices) > 1:
+            raise ValueError(f"ZeroOptimizer: the parameters live on several devices {sorted(map(str, devices))}")
+        self.device = devices.pop() if devices else torch.device("cpu")  # masters, moments and buffers live here
         classes: dict[tuple[torch.dtype, bool], list[str]] = {}
         for name, p in self.params.items():
             classes.setdefault((p.dtype, bool(is_expert(name))), []).append(name)
@@ -159,7 +166,7 @@ class ZeroOptimizer(Optimizer):
         self._norm_shares: list[Tensor | None] = [None] * len(self.buckets)
         if norm_share is not None:
             for i, b in enumerate(self.buckets):
-                shares = torch.ones(b.shard_size, dtype=torch.float32)
+                shares = torch.ones(b.shard_size, dtype=torch.float32, device=self.device)
                 for seg in b.segments:
                     shares[seg.lo:seg.hi] = norm_share(seg.name)
                 self._norm_shares[i] = None if bool((shares == 1).all()) else shares
@@ -175,9 +182,10 @@ class ZeroOptimizer(Optimizer):
         b = _Bucket(dtype, expert, group, names, offsets, numel, shard_size=max(1, math.ceil(numel / group.size)))
         lo_shard, hi_shard = b.shard_start, b.shard_start + b.shard_size
         moment_dtype = torch_dtype(self.cfg.moment_dtype)
-        b.master = torch.zeros(b.shard_size, dtype=torch.float32)  # padding stays 0 forever (zero grad, zero update)
-        b.exp_avg = torch.zeros(b.shard_size, dtype=moment_dtype)
-        b.exp_avg_sq = torch.zeros(b.shard_size, dtype=moment_dtype)
+        dev = self.device
+        b.master = torch.zeros(b.shard_size, dtype=torch.float32, device=dev)  # padding stays 0 (zero grad, update)
+        b.exp_avg = torch.zeros(b.shard_size, dtype=moment_dtype, device=dev)
+        b.exp_avg_sq = torch.zeros(b.shard_size, dtype=moment_dtype, device=dev)
         for name, off in zip(names, offsets):
             p = self.params[name]
             lo, hi = max(off, lo_shard), min(off + p.numel(), hi_shard)
@@ -199,7 +207,7 @@ class ZeroOptimizer(Optimizer):
     def _reduce_grads(self) -> None:
         """Reduce-scatter every bucket's gradient into this rank's fp32 shard, averaged as the docstring derives."""
         for b in self.buckets:
-            flat = torch.zeros(b.padded, dtype=torch.float32)
+            flat = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
             for name, off in zip(b.names, b.offsets):
                 g = grad_of(self.params[name])
                 if g is not None:
@@ -207,10 +215,10 @@ class ZeroOptimizer(Optimizer):
             scale = (self.grad_scale_expert if b.expert else 1.0) / self.dp.size
             if scale != 1.0:  # keeps DP = 1 bitwise equal to the replicated optimizer
                 flat.mul_(scale)
-            if b.group.size == 1:
+            if b.group.size == 1 and not self.force_collectives:
                 b.grad_shard = flat
             else:
-                b.grad_shard = torch.empty(b.shard_size, dtype=torch.float32)
+                b.grad_shard = torch.empty(b.shard_size, dtype=torch.float32, device=self.device)
                 dist.reduce_scatter_single(b.grad_shard, flat, op=dist.ReduceOp.SUM, group=b.group.group)
 
     @torch.no_grad()
@@ -222,9 +230,9 @@ class ZeroOptimizer(Optimizer):
         sq = grad_norm_sq([b.grad_shard if s is None else b.grad_shard * s.sqrt()
                            for b, s in zip(self.buckets, self._norm_shares)])
         # Dense and expert shards both partition their elements over the DP group (see the module docstring).
-        if self.dp.size > 1:
+        if self.dp.size > 1 or self.force_collectives:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.dp.group)
-        if self.extra is not None and self.extra.size > 1:
+        if self.extra is not None and (self.extra.size > 1 or self.force_collectives):
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.extra.group)
         return sq.sqrt()
 
@@ -236,13 +244,12 @@ class ZeroOptimizer(Optimizer):
         if max_norm < 0:
             raise ValueError(f"ZeroOptimizer.step: max_norm must be >= 0 (0 = no clipping), got {max_norm}")
         norm = self.grad_norm()
+        value = float(norm)  # the step's one host sync
         try:
-            if not torch.isfinite(norm):
-                return float(norm)
-            if max_norm > 0 and norm > max_norm:
-                scale = max_norm / (norm + 1e-6)  # as optim.optimizer.clip_grad_norm_ (and torch)
-                for b in self.buckets:
-                    b.grad_shard.mul_(scale)
+            if not math.isfinite(value):
+                return value
+            if max_norm > 0:
+                scale_grads_([b.grad_shard for b in self.buckets], norm, max_norm)  # as clip_grad_norm_ (and torch)
             for b in self.buckets:
                 b.step += 1
                 for lo, hi, wd in b.runs:
@@ -252,17 +259,17 @@ class ZeroOptimizer(Optimizer):
             for b in self.buckets:
                 b.grad_shard = None
         self._gather_params()
-        return float(norm)
+        return value
 
     @torch.no_grad()
     def _gather_params(self) -> None:
         """Round the master shards to the parameter dtype, all-gather them and write them into the parameters."""
         for b in self.buckets:
             shard = b.master.to(b.dtype)
-            if b.group.size == 1:
+            if b.group.size == 1 and not self.force_collectives:
                 full = shard
             else:
-                full = torch.empty(b.padded, dtype=b.dtype)
+                full = torch.empty(b.padded, dtype=b.dtype, device=self.device)
                 dist.all_gather_single(full, shard, group=b.group.group)
             for name, off in zip(b.names, b.offsets):
                 p = self.params[name]
@@ -302,14 +309,14 @@ class ZeroOptimizer(Optimizer):
                 out[f"master.{name}"] = master
             out[f"exp_avg.{name}"] = exp_avg
             out[f"exp_avg_sq.{name}"] = exp_avg_sq
-            out[f"step.{name}"] = torch.tensor(b.step, dtype=torch.int64)
+            out[f"step.{name}"] = torch.tensor(b.step, dtype=torch.int64, device="cpu")
         return out
 
     @staticmethod
     def _gather(b: _Bucket, shard: Tensor) -> Tensor:
         if b.group.size == 1:
             return shard
-        full = torch.empty(b.padded, dtype=shard.dtype)
+        full = torch.empty(b.padded, dtype=shard.dtype, device=shard.device)
         dist.all_gather_single(full, shard, group=b.group.group)
         return full
 
@@ -351,7 +358,7 @@ class ZeroOptimizer(Optimizer):
                 out[f"exp_avg.{seg.name}"] = (seg.start, b.exp_avg[seg.lo:seg.hi].clone())
                 out[f"exp_avg_sq.{seg.name}"] = (seg.start, b.exp_avg_sq[seg.lo:seg.hi].clone())
             for name in b.names:
-                out[f"step.{name}"] = (0, torch.tensor([b.step], dtype=torch.int64))
+                out[f"step.{name}"] = (0, torch.tensor([b.step], dtype=torch.int64, device="cpu"))
         return out
 
     @torch.no_grad()

@@ -204,7 +204,8 @@ def _write_pieces(directory: Path, file: str, tensors: dict[str, dict[str, torch
                                  f"shape {list(piece.shape)}")
             key = f"{group}/{name}/{piece.start}"
             # fresh contiguous CPU copies: safetensors refuses views sharing storage, and GPU tensors must come home
-            copies[key] = torch.empty(piece.data.numel(), dtype=piece.data.dtype).copy_(piece.data.detach().reshape(-1))
+            staged = torch.empty(piece.data.numel(), dtype=piece.data.dtype, device="cpu")
+            copies[key] = staged.copy_(piece.data.detach().reshape(-1))
             index.setdefault(group, {})[name] = {"shape": list(piece.shape), "dtype": _dtype_name(piece.data.dtype),
                                                  "pieces": [[file, key, piece.start, piece.end]]}
     path = directory / file
@@ -436,7 +437,7 @@ class CheckpointReader:
         end = numel if end is None else end
         if not 0 <= start <= end <= numel:
             raise CheckpointError(f"{self.path}: {group}/{name} has {numel} elements, range [{start}, {end}) asked")
-        out = torch.empty(end - start, dtype=getattr(torch, entry["dtype"]))
+        out = torch.empty(end - start, dtype=getattr(torch, entry["dtype"]), device="cpu")
         for file, key, lo, hi in entry["pieces"]:
             a, z = max(start, lo), min(end, hi)
             if a < z:
@@ -535,8 +536,9 @@ def rng_state() -> dict[str, torch.Tensor]:
     Python's `random` (numpy's global generator is unused: the data pipeline keys its own generators)."""
     version, words, gauss = random.getstate()
     state = {"torch_cpu": torch.get_rng_state(),
-             "python_random": torch.tensor([version, *words], dtype=torch.int64),
-             "python_random_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64)}
+             "python_random": torch.tensor([version, *words], dtype=torch.int64, device="cpu"),
+             "python_random_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64,
+                                                 device="cpu")}
     if torch.cuda.is_available():
         for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             state[f"torch_cuda_{i}"] = cuda_state

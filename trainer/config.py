@@ -19,19 +19,21 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from core.config import Config, ConfigError, DType, choice, describe, from_dict
+from core.config import Config, ConfigError, choice, describe, from_dict
 from data.config import DataConfig
 from fp8.config import FP8Config
 from model.config import ModelConfig
 from optim.config import OptimConfig
 from optim.schedules import batch_size_at
 from parallel.config import ParallelConfig, check_model_layout, microbatches_per_step
+from parallel.grid import device_type
 from parallel.pipeline.schedule import check_schedule_args
 
 SCHEMA = "hai_train_schema"  # the root schema's name in Hydra's ConfigStore
 CONFIG_MODULE = "configs"  # the Hydra config tree, a package shipped with the code (configs/__init__.py)
 
 Device = choice("Device", "auto cpu cuda", __name__)
+ComputeDType = choice("ComputeDType", "auto bf16 fp32", __name__)
 WandbMode = choice("WandbMode", "offline online", __name__)
 
 
@@ -46,8 +48,14 @@ class TrainerConfig(Config):
     seed: int = 0  # seeds the model init, the data order and FIM
     micro_batch_size: int = 8  # sequences per forward/backward
     global_batch_size: int = 8  # sequences per optimizer step (after any ramp): micro-batches x DP
-    dtype: DType = DType("fp32")  # compute dtype: bf16 (fp32 master weights, router fp32) | fp32 everywhere
+    # compute dtype: bf16 (fp32 master weights, router fp32) | fp32 everywhere | auto: bf16 on CUDA (whose grouped
+    # expert GEMM is fast in bf16 only), fp32 on the CPU
+    dtype: ComputeDType = ComputeDType("auto")
     device: Device = Device("auto")  # auto (this rank's GPU when CUDA is present) | cpu | cuda
+    tf32: bool = True  # on CUDA, fp32 matmuls on TF32 tensor cores (10-bit mantissa products); no effect on the CPU
+    # deterministic kernels (torch.use_deterministic_algorithms, math SDPA on CUDA): run-to-run reproducible on the
+    # same hardware and layout, slower; the CPU is deterministic without it
+    deterministic: bool = False
     checkpoint_every: int = 100  # steps between checkpoints (one is always written at the end); 0 = end only
     keep_checkpoints: int = 3  # complete checkpoints kept (oldest removed first)
     resume: str | None = "auto"  # auto = newest complete checkpoint in run_dir if any | a checkpoint path | None
@@ -118,11 +126,16 @@ class RunConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     def resolved(self) -> RunConfig:
-        """The values the run uses where one setting stands for another: while FP8 is on, `fp8.moment_dtype`
+        """The values the run uses where one setting stands for another: `trainer.dtype=auto` becomes bf16 on CUDA
+        and fp32 on the CPU (the device trainer.device resolves to here), and while FP8 is on, `fp8.moment_dtype`
         (the paper's bf16 optimizer storage) replaces `optim.moment_dtype` unless it is null."""
+        out = self
+        if self.trainer.dtype == "auto":
+            dtype = "bf16" if device_type(self.trainer.device) == "cuda" else "fp32"
+            out = dataclasses.replace(out, trainer=dataclasses.replace(out.trainer, dtype=dtype))
         if self.fp8.enabled and self.fp8.moment_dtype is not None:
-            return dataclasses.replace(self, optim=dataclasses.replace(self.optim, moment_dtype=self.fp8.moment_dtype))
-        return self
+            out = dataclasses.replace(out, optim=dataclasses.replace(out.optim, moment_dtype=self.fp8.moment_dtype))
+        return out
 
     def validate(self, world_size: int = 1) -> RunConfig:
         """Every group and every rule across groups, for a job of `world_size` processes; the one validation of

@@ -30,7 +30,8 @@ class EMA:
         params = _params(model)
         self.shadow = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in params.items()}
         pin = torch.cuda.is_available() and any(p.is_cuda for p in params.values())
-        self._snapshot = {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for n, p in params.items()}
+        self._snapshot = {n: torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+                          for n, p in params.items()}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema")
         self._pending: Future | None = None
         self._stream: torch.cuda.Stream | None = None  # side stream of the device-to-host copies

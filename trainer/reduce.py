@@ -1,6 +1,8 @@
 """The numbers of a step gathered across ranks for the metrics (trainer/metrics.py writes them): losses summed over
-the pipeline and averaged over data parallelism, per-rank lists (step times, exposed communication), and rank
-0's value of a small object. Every function is a collective over the grid's groups and a no-op in one process.
+the pipeline and averaged over data parallelism (device tensors, over the grid's device groups), per-rank lists
+(step times, exposed communication) and rank 0's value of a small object (host values, as CPU tensors: on CUDA
+the process groups also carry a gloo backend for them, parallel/grid.py). Every function is a collective over the
+grid's groups and a no-op in one process.
 """
 
 from __future__ import annotations
@@ -14,30 +16,24 @@ from parallel.grid import ProcessGrid
 from parallel.pipeline.pipeline import Pipeline
 
 
-def pp_sum(grid: ProcessGrid, values: dict[str, float]) -> dict[str, float]:
-    """Sum of per-rank scalars over the pipeline group (losses exist where their stage ran)."""
-    if grid.pp == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(t, group=grid.pp_group)
-    return dict(zip(values, t.tolist()))
-
-
-def dp_mean(grid: ProcessGrid, values: dict[str, float]) -> dict[str, float]:
-    """DP mean of per-rank scalars (each rank's mean over its own micro-batches)."""
-    if grid.dp == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(t, group=grid.dp_group)
-    return dict(zip(values, (t / grid.dp).tolist()))
+def step_means(grid: ProcessGrid, sums: torch.Tensor, n_micro: int, keys: tuple[str, ...]) -> dict[str, float]:
+    """Per-rank sums over micro-batches (a device tensor, `keys` in order) summed over the pipeline group (each
+    loss exists where its stage ran), divided by the micro-batches and averaged over DP; read to the host once."""
+    if grid.pp > 1:
+        dist.all_reduce(sums, group=grid.pp_group)
+    means = sums / n_micro
+    if grid.dp > 1:
+        dist.all_reduce(means, group=grid.dp_group)
+        means = means / grid.dp
+    return dict(zip(keys, means.tolist()))  # the step's one read of its losses
 
 
 def gather(grid: ProcessGrid, value: float) -> list[float]:
     """One float from every rank, in rank order (for per-rank step times)."""
     if grid.world_size == 1:
         return [value]
-    out = [torch.zeros(1, dtype=torch.float64) for _ in range(grid.world_size)]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.float64))
+    out = [torch.zeros(1, dtype=torch.float64, device="cpu") for _ in range(grid.world_size)]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device="cpu"))
     return [t.item() for t in out]
 
 
@@ -56,11 +52,11 @@ def dispatch_stats(grid: ProcessGrid, model: nn.Module, fabric: bool) -> dict[st
     all-to-all) and, on a simulated `fabric`, the exchanges' modelled seconds; empty without expert parallelism."""
     if grid.ep == 1:
         return {}
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device="cpu")
     wait = link = 0.0
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         stats = moe.dispatcher.stats()
-        totals += torch.tensor([stats["cross_node_bytes"], stats["tokens"]], dtype=torch.float64)
+        totals += torch.tensor([stats["cross_node_bytes"], stats["tokens"]], dtype=torch.float64, device="cpu")
         wait += stats["wait_s"]
         link += stats["link_s"]
     dist.all_reduce(totals)

@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from core.config import ConfigError, describe, torch_dtype
 from data import DataError
 from data.dataset import DataPipeline, build_data, check_vocab
+from fp8.gemm import check_backend
 from model import Transformer
 from model.grads import attach_main_grads
 from model.moe import Gate
@@ -46,12 +47,12 @@ from optim.optimizer import Optimizer
 from optim.schedules import batch_size_at, bias_gamma_at, lr_at, mtp_lambda_at
 from parallel.grid import ProcessGrid
 from parallel.parallelize import parallelize
-from parallel.pipeline.pipeline import Batch, Pipeline
+from parallel.pipeline.pipeline import LOSS_KEYS, Batch, Pipeline
 from parallel.zero import build_optimizer
 from trainer import reduce
 from trainer.balance import BiasBalancer
 from trainer.checkpoint import CheckpointError, ensure_writable, latest_checkpoint
-from trainer.config import CONFIG_MODULE, RunConfig, compose_config, load_config
+from trainer.config import CONFIG_MODULE, RunConfig, TrainerConfig, compose_config, load_config
 from trainer.ema import EMA
 from trainer.metrics import Metrics
 from trainer.rundir import rank_log, record_config, run_dir_for
@@ -61,6 +62,31 @@ from trainer.state import TrainState, restore, resume_from, save
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+def preflight(cfg: RunConfig) -> None:
+    """What must hold on this machine before any process group is made, beyond the config itself (the launch and
+    the device are checked by ProcessGrid.build): the FP8 recipe's GEMM backend runs here (a Hopper GPU for
+    fp8=hopper), else a ConfigError naming the backend, the capability found and the one needed."""
+    if cfg.fp8.enabled:
+        check_backend(cfg.fp8.gemm_backend())
+
+
+def configure_torch(cfg: TrainerConfig, device: torch.device) -> None:
+    """The process-wide torch settings of the run: TF32 for fp32 matmuls on CUDA (trainer.tf32), and with
+    trainer.deterministic, deterministic kernels: torch's deterministic mode (its index_add_ and scatter_add_ then
+    take deterministic CUDA paths, so no segment sum of our own is needed), cuBLAS's fixed workspaces, and the
+    math SDPA backend on CUDA (the fused attention backwards accumulate in a nondeterministic order)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        if device.type == "cuda":
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def cast_for_compute(model: Transformer, dtype: torch.dtype) -> None:
@@ -81,9 +107,11 @@ class Run:
     opt: Optimizer
     data: DataPipeline
     shards: Shards
+    balancer: BiasBalancer
 
 
 def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
+    configure_torch(cfg.trainer, grid.device)
     torch.manual_seed(cfg.trainer.seed)
     data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=grid.dp_rank, dp_size=grid.dp)
     check_vocab(data.vocab_size, cfg.model.vocab_size)
@@ -95,14 +123,16 @@ def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
     cast_for_compute(model, dtype)
     attach_main_grads(model.parameters())
     opt = build_optimizer(model, grid, pipeline.norm_share, cfg.optim)
-    return Run(model, pipeline, opt, data, Shards(grid, pipeline, shapes, params))
+    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=grid.dp_group,
+                            replicas=pipeline.gate_replicas(), report_group=grid.pp_group if grid.pp > 1 else None,
+                            all_gates=Transformer.gate_names(cfg.model), device=grid.device)
+    return Run(model, pipeline, opt, data, Shards(grid, pipeline, shapes, params), balancer)
 
 
 @torch.no_grad()
 def evaluate(grid: ProcessGrid, pipeline: Pipeline, batches: list[Batch]) -> float:
     """The validation loss: the mean next-token loss of `batches` on every DP rank."""
-    total = reduce.pp_sum(grid, {"val": pipeline.evaluate(batches)})["val"]
-    return reduce.dp_mean(grid, {"val": total / len(batches)})["val"]
+    return reduce.step_means(grid, pipeline.evaluate(batches).view(1), len(batches), ("val",))["val"]
 
 
 def train_step(cfg: RunConfig, grid: ProcessGrid, state: TrainState, run: Run) -> dict[str, float]:
@@ -113,8 +143,7 @@ def train_step(cfg: RunConfig, grid: ProcessGrid, state: TrainState, run: Run) -
     n_micro = seqs // per_pass
     mtp_lambda = mtp_lambda_at(cfg.optim, state.tokens)
     batches = [run.data.next_batch(cfg.trainer.micro_batch_size) for _ in range(n_micro)]
-    sums = reduce.pp_sum(grid, run.pipeline.train_step(batches, mtp_lambda))
-    losses = reduce.dp_mean(grid, {key: value / n_micro for key, value in sums.items()})
+    losses = reduce.step_means(grid, run.pipeline.train_step(batches, mtp_lambda), n_micro, LOSS_KEYS)
     return {**losses, "mtp_lambda": mtp_lambda, "sequences": seqs, "tokens_in_step": seqs * cfg.data.seq_len}
 
 
@@ -128,69 +157,75 @@ class _Quiet:
     def close(self) -> None: ...
 
 
+def optimizer_step(cfg: RunConfig, grid: ProcessGrid, state: TrainState, run: Run, ema: EMA | None,
+                   run_dir: Path) -> dict:
+    """Steps 1-4 of the module docstring: the step's micro-batches, the optimizer, the bias update and the EMA
+    (or the skip of a non-finite step); advances `state` and returns the step's record (timings excluded)."""
+    record = train_step(cfg, grid, state, run)
+    lr = lr_at(cfg.optim, state.step, state.tokens)
+    loss_finite = math.isfinite(record["loss"])  # the same on every rank (a DP mean)
+    grad_norm = run.opt.step(lr, cfg.optim.grad_clip) if loss_finite else float(run.opt.grad_norm())
+    finite = loss_finite and math.isfinite(grad_norm)
+    if finite:
+        # the bias update uses this step's loads and changes routing from the next step on (paper 2.1.2)
+        balance = run.balancer.step(bias_gamma_at(cfg.optim, state.tokens))
+        if ema is not None:
+            ema.update(run.model)
+        state.skipped_in_row = 0
+    else:
+        run.balancer.discard()
+        state.skipped_in_row += 1
+        if state.skipped_in_row > cfg.trainer.max_skipped_steps:
+            last = latest_checkpoint(run_dir)
+            raise NonFiniteLossError(
+                f"step {state.step + 1}: non-finite loss {record['loss']} (grad norm {grad_norm}); "
+                f"stopped without saving. Last good checkpoint: {last or 'none'}. Resume from it with a "
+                "lower optim.lr, or allow isolated spikes with trainer.max_skipped_steps=N")
+        balance = {"maxvio": float("nan"), "maxvio_layer": {}}
+    run.opt.zero_grad()
+    state.step += 1
+    state.tokens += record["tokens_in_step"]
+    return {"step": state.step, "tokens": state.tokens, **record, "lr": lr, "grad_norm": grad_norm,
+            "maxvio": balance["maxvio"], "maxvio_layer": balance["maxvio_layer"], "skipped": not finite}
+
+
 def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> TrainState:
     """Run (or resume) the configured training in `run_dir` on this process's rank; returns the final state."""
-    grid = grid or ProcessGrid.build(cfg.parallel, cfg.trainer.device)
+    if grid is None:
+        preflight(cfg)
+        grid = ProcessGrid.build(cfg.parallel, cfg.trainer.device)
     if not cfg.validated_for(grid.world_size):
         cfg.validate(grid.world_size)
     ensure_writable(run_dir)
     run = build(cfg, grid)
-    model, opt, data = run.model, run.opt, run.data
-    balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=grid.dp_group,
-                            replicas=run.pipeline.gate_replicas(), report_group=grid.pp_group if grid.pp > 1 else None)
     state, reader = TrainState(), None
     checkpoint = resume_from(cfg, run_dir)
     if checkpoint is not None:
-        state, reader = restore(checkpoint, cfg, grid, run.shards, model, opt, data)
+        state, reader = restore(checkpoint, cfg, grid, run.shards, run.model, run.opt, run.data)
         if grid.is_main:
             print(f"resumed from {checkpoint} at step {state.step}", flush=True)
     # built after the restore, so that an EMA switched on at resume starts from the trained weights
-    ema = EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+    ema = EMA(run.model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
     if ema is not None and reader is not None and "ema" in reader.groups:
         run.shards.load_ema(ema, reader)
     metrics = Metrics(run_dir, cfg.logging, cfg.trainer.max_steps, cfg.to_dict(), resume_step=state.step) \
         if grid.is_main else _Quiet()
-    valid = data.valid_batches(cfg.trainer.eval_batches, cfg.trainer.micro_batch_size) if cfg.trainer.eval_every \
-        else []
+    valid = run.data.valid_batches(cfg.trainer.eval_batches, cfg.trainer.micro_batch_size) \
+        if cfg.trainer.eval_every else []
     try:
         while state.step < cfg.trainer.max_steps:
             t0 = time.perf_counter()
-            record = train_step(cfg, grid, state, run)
-            lr = lr_at(cfg.optim, state.step, state.tokens)
-            loss_finite = math.isfinite(record["loss"])  # the same on every rank (a DP mean)
-            grad_norm = opt.step(lr, cfg.optim.grad_clip) if loss_finite else float(opt.grad_norm())
-            finite = loss_finite and math.isfinite(grad_norm)
-            if finite:
-                # the bias update uses this step's loads and changes routing from the next step on (paper 2.1.2)
-                balance = balancer.step(bias_gamma_at(cfg.optim, state.tokens))
-                if ema is not None:
-                    ema.update(model)
-                state.skipped_in_row = 0
-            else:
-                balancer.discard()
-                state.skipped_in_row += 1
-                if state.skipped_in_row > cfg.trainer.max_skipped_steps:
-                    last = latest_checkpoint(run_dir)
-                    raise NonFiniteLossError(
-                        f"step {state.step + 1}: non-finite loss {record['loss']} (grad norm {grad_norm}); "
-                        f"stopped without saving. Last good checkpoint: {last or 'none'}. Resume from it with a "
-                        "lower optim.lr, or allow isolated spikes with trainer.max_skipped_steps=N")
-                balance = {"maxvio": float("nan"), "maxvio_layer": {}}
-            opt.zero_grad()
-            state.step += 1
-            state.tokens += record["tokens_in_step"]
+            record = optimizer_step(cfg, grid, state, run, ema, run_dir)
             times = reduce.gather(grid, time.perf_counter() - t0)
-            metrics.log_step({"step": state.step, "tokens": state.tokens, **record, "lr": lr, "grad_norm": grad_norm,
-                              "maxvio": balance["maxvio"], "maxvio_layer": balance["maxvio_layer"],
-                              "skipped": not finite, "step_time_s": max(times), "step_time_rank_s": times,
+            metrics.log_step({**record, "step_time_s": max(times), "step_time_rank_s": times,
                               "tokens_per_s": record["tokens_in_step"] / max(times),
-                              **reduce.dispatch_stats(grid, model, cfg.parallel.fabric is not None),
+                              **reduce.dispatch_stats(grid, run.model, cfg.parallel.fabric is not None),
                               **reduce.pipeline_stats(grid, run.pipeline)})
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
                 metrics.log_eval(state.step, {"val_loss": evaluate(grid, run.pipeline, valid)})
             every = cfg.trainer.checkpoint_every
             if (every and state.step % every == 0) or state.step == cfg.trainer.max_steps:
-                save(run_dir, cfg, grid, run.shards, state, model, opt, data, ema)
+                save(run_dir, cfg, grid, run.shards, state, run.model, run.opt, run.data, ema)
     finally:
         metrics.close()
         if ema is not None:
@@ -212,6 +247,7 @@ def _fail(err: BaseException) -> None:
 def hydra_main(raw: DictConfig) -> None:
     try:
         cfg = load_config(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        preflight(cfg)
         grid = ProcessGrid.build(cfg.parallel, cfg.trainer.device)
         run_dir = Path(reduce.broadcast(grid, str(run_dir_for(cfg.trainer.run_dir))))  # rank 0's choice
         ensure_writable(run_dir)

@@ -29,9 +29,9 @@ and per action kind the expert all-to-all time exposed (waited for) and modelled
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ from torch import nn
 from torch.autograd import Variable
 
 from model.linear import WeightGradStore
+from parallel.clock import Clock
 from parallel.fabric import Fabric, LinkDelay
 from parallel.pipeline.action import Action, direction_of, owner
 from parallel.pipeline.overlap import ForwardInBackward
@@ -116,7 +117,10 @@ class PipelineExecutor:
         local: dict[tuple[int, int, int], torch.Tensor] = {}  # (tag, stage, micro-batch) handed over in memory
         sends: list[dist.Work] = []
         stats = StepStats()
-        t_step = time.perf_counter()
+        clock = Clock(self.device)  # host time on the CPU, the compute stream's time on CUDA
+        waits_before = self._exchange_waits()
+        marks: list[tuple[Any, Any, Any, Action]] = []  # (before receives, after receives, after compute, action)
+        t_step = clock.mark()
 
         def recv_ops(a: Action) -> tuple[list, list]:
             """The receives `a` needs: (P2POps, (key, tensor) to store), or in-memory hand-overs."""
@@ -178,19 +182,20 @@ class PipelineExecutor:
                 o, r = recv_ops(part)
                 ops += o
                 received += r
-            t0 = t1 = time.perf_counter()
+            t0 = t1 = clock.mark()
             if ops:
                 for work in dist.batch_isend_irecv(ops) + self._link_delay(ops):
                     work.wait()
-                t1 = time.perf_counter()
-                stats.wait += t1 - t0
+                t1 = clock.mark()
             for key, tensor in received:
                 if key[0] == "in":
                     inputs[key[1:]] = tensor if forward_only else tensor.requires_grad_()
                 else:
                     grads[key[1:]] = tensor
 
-            exchanged = self._exchange_clock()
+            linked_before = sum(d.linked_s for d in self._dispatchers)
+            for d in self._dispatchers:
+                d.tag = action.kind  # the dispatchers' waits of this action count under its kind
             f_runner = self.stages[action.forward.phase] if action.kind == "FB" else None
             if f_runner is not None and self.overlap and f_runner.steps is not None:
                 f, b = action.forward, action.backward
@@ -208,24 +213,36 @@ class PipelineExecutor:
                         backward(part)
                     else:  # W
                         self.stores.pop(key).flush()
-            waited, linked = (after - before for after, before in zip(self._exchange_clock(), exchanged))
-            stats.exchange_wait[action.kind] = stats.exchange_wait.get(action.kind, 0.0) + waited
+            linked = sum(d.linked_s for d in self._dispatchers) - linked_before
             stats.exchange_link[action.kind] = stats.exchange_link.get(action.kind, 0.0) + linked
-            t2 = time.perf_counter()
-            stats.busy += t2 - t1
+            marks.append((t0, t1, clock.mark(), action))
             sends = [work for work in sends if not work.is_completed()]  # finished sends free their tensors
-            stats.events.append((t1 - t_step, t2 - t_step, action))
         for work in sends:
             work.wait()
+        for d in self._dispatchers:
+            d.tag = ""
         if inputs or outputs or local or self.stores:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: the schedule left work undone (forwards without "
                                f"backward {sorted(outputs)}, deferred W {sorted(self.stores)}); it is not valid")
-        stats.total = time.perf_counter() - t_step
+        stats.total = clock.seconds(t_step, clock.mark())  # resolves every mark of the step at once on CUDA
+        for t0, t1, t2, action in marks:
+            start, end = clock.seconds(t_step, t1), clock.seconds(t_step, t2)
+            stats.wait += clock.seconds(t0, t1)
+            stats.busy += end - start
+            stats.events.append((start, end, action))
+        for key, seconds in self._exchange_waits().items():
+            kind = key.split(":", 1)[1]
+            if kind:
+                stats.exchange_wait[kind] = seconds - waits_before.get(key, 0.0)
         return stats
 
-    def _exchange_clock(self) -> tuple[float, float]:
-        """Running totals of the stages' expert all-to-all seconds: (waited for, modelled by the fabric)."""
-        return (sum(d.waited_s for d in self._dispatchers), sum(d.linked_s for d in self._dispatchers))
+    def _exchange_waits(self) -> dict[str, float]:
+        """Running totals of the stages' exposed expert all-to-all seconds, by the action kind they ran under."""
+        out: dict[str, float] = {}
+        for d in self._dispatchers:
+            for key, seconds in (d.clock.totals() if d.clock is not None else {}).items():
+                out[key] = out.get(key, 0.0) + seconds
+        return out
 
     def _link_delay(self, ops: list[dist.P2POp]) -> list[LinkDelay]:
         """The simulated fabric's time for this action's receives, from now (parallel/fabric.py)."""

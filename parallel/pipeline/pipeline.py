@@ -10,7 +10,9 @@ loop sums its router's counts over the copies.
 
 Loss bookkeeping, the only one: the loss of a micro-batch exists only on the rank that ran its last stage, and
 each MoE layer's balance loss on the rank that ran the layer. `train_step` returns this rank's sums over the
-micro-batches (not yet divided by their number); the caller sums them over the pipeline group.
+micro-batches (not yet divided by their number) as one device tensor, `LOSS_KEYS` in order; the caller sums them
+over the pipeline group and reads them once per step (nothing here makes the host wait for the device).
+Micro-batches arrive on the host and are copied to the device from pinned memory without blocking.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from parallel.pipeline.stage import (
 )
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # tokens, labels [B, T] (on the CPU: the pipeline moves them)
+LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss")
 
 
 def apply_pipeline(model: Transformer, grid: ProcessGrid, cfg: ParallelConfig, dtype: torch.dtype) -> Pipeline:
@@ -110,16 +113,19 @@ class Pipeline:
                                 g.device, self.cfg.fabric, g.gpus_per_node, self.cfg.overlap)
 
     def _micro_batch(self, batch: Batch) -> MicroBatch:
-        tokens, labels = (t.to(self.grid.device) for t in batch)
+        device = self.grid.device
+        if device.type == "cpu":
+            return MicroBatch(*batch)
+        tokens, labels = (t.pin_memory().to(device, non_blocking=True) for t in batch)
         return MicroBatch(tokens, labels)
 
-    def train_step(self, batches: list[Batch], mtp_lambda: float) -> dict[str, float]:
-        """Forward and backward of one step's micro-batches through the schedule; returns this rank's sums
-        {"loss", "lm_loss", "mtp_loss", "aux_loss"} over the micro-batches it finished, and leaves the summed
+    def train_step(self, batches: list[Batch], mtp_lambda: float) -> torch.Tensor:
+        """Forward and backward of one step's micro-batches through the schedule; returns this rank's sums of
+        `LOSS_KEYS` over the micro-batches it finished (a float64 tensor on the device), and leaves the summed
         gradients in the parameters (each micro-batch's loss is scaled by 1 / len(batches))."""
         n_micro = len(batches)
         check_schedule_args(self.cfg.schedule, self.grid.pp, n_micro)
-        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=self.grid.device)
         for moe in (m for spec in self.specs for m in self._moes(spec)):
             moe.aux_loss_scale = 1.0 / n_micro  # the attached balance loss is averaged like the main loss
 
@@ -128,12 +134,15 @@ class Pipeline:
 
             def run(x: torch.Tensor | None, m: int) -> Generator[None, None, torch.Tensor]:
                 out = yield from stage_steps(self.model, spec, x, self._micro_batch(batches[m]), mtp_lambda)
-                sums["aux_loss"] += sum(moe.last_aux_loss.item() for moe in moes if moe.last_aux_loss is not None)
+                for moe in moes:
+                    if moe.last_aux_loss is not None:
+                        sums[3] += moe.last_aux_loss
                 if not spec.last:
                     return out
-                sums["loss"] += out.loss.item()
-                sums["lm_loss"] += out.main.item()
-                sums["mtp_loss"] += sum(x.item() for x in out.mtp) / max(1, len(out.mtp))
+                sums[0] += out.loss.detach()
+                sums[1] += out.main
+                if out.mtp:
+                    sums[2] += torch.stack(out.mtp).double().sum() / len(out.mtp)
                 return out.loss / n_micro
             return run
 
@@ -144,15 +153,16 @@ class Pipeline:
         return sums
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
-        """Sum of the next-token losses of the micro-batches whose last stage ran on this rank."""
-        total = [0.0]
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        """Sum of the next-token losses of the micro-batches whose last stage ran on this rank (a float64 tensor
+        on the device)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.grid.device)
 
         def forward(spec: StageSpec):
             def run(x: torch.Tensor | None, m: int) -> Generator[None, None, torch.Tensor]:
                 out = yield from stage_steps(self.model, spec, x, self._micro_batch(batches[m]))
                 if spec.last:
-                    total[0] += out.main.item()
+                    total.add_(out.main)
                     return out.main
                 return out
             return run
@@ -161,4 +171,4 @@ class Pipeline:
         executor = self._executor(batches[0], forward)
         executor.run(build_forward_schedule(self.cfg.schedule, self.grid.pp, self.grid.pp_rank, n), n,
                      forward_only=True)
-        return total[0]
+        return total

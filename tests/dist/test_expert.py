@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from core.syncs import HostSyncCounter
 from model.config import ModelConfig
 from model.moe import Gate, RoutedExperts
 from parallel.expert import ExpertParallelDispatcher
@@ -76,12 +77,20 @@ def _run_ep(disp: ExpertParallelDispatcher, h, idx, w, g, full_ref: RoutedExpert
             full = getattr(full_ref, name).weight
             getattr(local, name).weight.copy_(full[ep_rank * per_rank:(ep_rank + 1) * per_rank])
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    rows, ids, rw, layout, _ = disp.dispatch(h, idx, w)
-    out = disp.combine(local(rows, ids, rw), layout)
-    (out * g).sum().backward()
+    syncs = [HostSyncCounter() for _ in range(4)]  # dispatch, experts, combine, backward
+    with syncs[0]:
+        arrived = disp.dispatch(h, idx, w)
+    rows, ids, rw, layout = arrived.rows, arrived.expert_ids, arrived.weights, arrived.layout
+    with syncs[1]:
+        y = local(rows, ids, rw, expert_counts=arrived.expert_counts)
+    with syncs[2]:
+        out = disp.combine(y, layout)
+    with syncs[3]:
+        (out * g).sum().backward()
     grads = {n: getattr(local, n).weight.grad for n in ("w1", "w2", "w3")}
     return dict(out=out.detach(), h_grad=h.grad, w_grad=w.grad, rows=rows.detach(), ids=ids, rw=rw.detach(),
-                layout=layout, expert_grads=grads)
+                layout=layout, expert_grads=grads, expert_counts=arrived.expert_counts,
+                syncs=[c.total for c in syncs])
 
 
 def _check_against_reference(res: dict, ref: tuple, offsets: list[int], ep_rank: int, ep: int, h_all, idx_all,
@@ -95,6 +104,12 @@ def _check_against_reference(res: dict, ref: tuple, offsets: list[int], ep_rank:
     for name, grad in res["expert_grads"].items():
         ref_grad = getattr(full, name).weight.grad[ep_rank * per_rank:(ep_rank + 1) * per_rank]
         torch.testing.assert_close(grad, ref_grad, **TOL, msg=f"{what}: grad experts.{name}")
+
+    # host syncs (core/syncs.py): one per hop of the dispatch (its counts exchange, which also sizes the expert
+    # GEMMs: the counts it gives are those of the received ids), none in the experts, the combine or the backward
+    assert res["syncs"] == [len(res["layout"].hops), 0, 0, 0], f"{what}: host syncs {res['syncs']}"
+    received = res["ids"][res["ids"] >= 0]
+    assert res["expert_counts"] == torch.bincount(received, minlength=per_rank).tolist(), f"{what}: expert counts"
 
     # received rows: one per (token, this rank) for every token with an expert here, by (source, token)
     layout = res["layout"]
@@ -203,7 +218,7 @@ def _features_spawn(rank: int, world: int) -> None:
         hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
         handle = disp.dispatch_async(hx, idx, wx)
         busy = torch.randn(64, 64) @ torch.randn(64, 64)  # overlapped compute
-        rows, ids, rw, layout, _ = handle.wait()
+        rows, ids, rw, layout, *_ = handle.wait()
         assert handle.wait()[0] is rows, f"{tag}: wait() is idempotent"
         handle = disp.combine_async(local(rows, ids, rw), layout)
         busy = busy @ busy

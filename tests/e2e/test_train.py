@@ -127,6 +127,8 @@ def test_bad_input_is_a_clear_error(tmp_path, cache_dir, args, words):
     ("model.balance=foo", ["model.balance='foo'", "aux_free, aux_loss, none"]),
     ("fp8.recipe=fast", ["fp8.recipe='fast'", "off, emulate, hopper"]),
     ("data.bogus=1", ["data.bogus", "its keys are: seq_len"]),
+    pytest.param("fp8=hopper", ["fp8.backend=torch cannot run on this machine", "a CUDA GPU"],
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")),
 ])
 def test_bad_override_is_one_paragraph_without_traceback(tmp_path, cache_dir, override, words):
     result = hai_train(["trainer.max_steps=1", f"trainer.run_dir={tmp_path / 'run'}", override], cache_dir)
@@ -134,7 +136,8 @@ def test_bad_override_is_one_paragraph_without_traceback(tmp_path, cache_dir, ov
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
     assert all(w in lines[0] for w in words), lines[0]
-    assert not (tmp_path / "run").exists()  # nothing was written
+    run = tmp_path / "run"
+    assert not run.exists() or not any(run.iterdir())  # nothing was written (Hydra may have made the directory)
 
 
 @pytest.mark.slow
@@ -165,3 +168,17 @@ def test_bf16_run_keeps_router_and_master_weights_in_fp32(tmp_path, cache_dir):
     master = optim["master.layers.1.attn.wkv_a.weight"]
     assert master.dtype == torch.float32 and torch.equal(master.to(torch.bfloat16), model["layers.1.attn.wkv_a.weight"])
     assert optim["exp_avg.layers.1.attn.wkv_a.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_deterministic_mode_runs_and_changes_nothing_on_the_cpu(tmp_path, cache_dir):
+    """trainer.deterministic=true (torch's deterministic algorithms) accepts every op of a training step; on the
+    CPU, deterministic already, the losses are the same bit for bit."""
+    runs = {}
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        result = hai_train(["trainer.max_steps=2", f"trainer.deterministic={flag}", f"trainer.run_dir={run}"],
+                           cache_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[flag] = train_losses(run)
+    assert runs["true"] == runs["false"] and len(runs["true"]) == 2

@@ -26,7 +26,7 @@ BAD_VALUES = [
     ("optim.lr=abc", ["optim.lr", "'abc'", "a number"]),
     ("optim.moment_dtype=fp16", ["optim.moment_dtype", "'fp16'", "bf16, fp32"]),
     ("trainer.max_steps=many", ["trainer.max_steps", "'many'", "an integer"]),
-    ("trainer.dtype=fp16", ["trainer.dtype", "'fp16'", "bf16, fp32"]),
+    ("trainer.dtype=fp16", ["trainer.dtype", "'fp16'", "auto, bf16, fp32"]),
     ("trainer.device=tpu", ["trainer.device", "'tpu'", "auto, cpu, cuda"]),
     ("logging.wandb=maybe", ["logging.wandb", "'maybe'", "true or false"]),
     ("logging.wandb_mode=cloud", ["logging.wandb_mode", "'cloud'", "offline, online"]),
@@ -84,7 +84,8 @@ def test_nested_mappings_are_checked_like_groups():
 def test_plain_mappings_get_the_same_type_checks():
     with pytest.raises(ConfigError, match=r"optim\.lr='abc'.*optim\.lr takes a number"):
         load_config({"optim": {"lr": "abc"}})
-    with pytest.raises(ConfigError, match=r"trainer\.dtype='fp16' is not a valid choice; choose one of bf16, fp32"):
+    with pytest.raises(ConfigError, match=r"trainer\.dtype=.fp16. is not a valid choice; choose one of auto, bf16, "
+                                          r"fp32"):
         load_config({"trainer": {"dtype": "fp16"}})
     from model.config import ModelConfig
 
