@@ -68,6 +68,11 @@ from optim.optimizer import Optimizer, Read, ShapeOf, grad_norm_sq, scale_grads_
 from parallel.expert import is_expert_param
 from parallel.grid import ProcessGrid
 
+# torch 2.13's names of reduce_scatter_tensor / all_gather_into_tensor, which it deprecates; the older names keep the
+# code running on the torch that GPU images ship (2.11 on this project's lent machines)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass
 class _Group:
@@ -219,7 +224,7 @@ class ZeroOptimizer(Optimizer):
                 b.grad_shard = flat
             else:
                 b.grad_shard = torch.empty(b.shard_size, dtype=torch.float32, device=self.device)
-                dist.reduce_scatter_single(b.grad_shard, flat, op=dist.ReduceOp.SUM, group=b.group.group)
+                _reduce_scatter(b.grad_shard, flat, op=dist.ReduceOp.SUM, group=b.group.group)
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -270,7 +275,7 @@ class ZeroOptimizer(Optimizer):
                 full = shard
             else:
                 full = torch.empty(b.padded, dtype=b.dtype, device=self.device)
-                dist.all_gather_single(full, shard, group=b.group.group)
+                _all_gather(full, shard, group=b.group.group)
             for name, off in zip(b.names, b.offsets):
                 p = self.params[name]
                 p.copy_(full[off:off + p.numel()].view(p.shape))
@@ -317,7 +322,7 @@ class ZeroOptimizer(Optimizer):
         if b.group.size == 1:
             return shard
         full = torch.empty(b.padded, dtype=shard.dtype, device=shard.device)
-        dist.all_gather_single(full, shard, group=b.group.group)
+        _all_gather(full, shard, group=b.group.group)
         return full
 
     @torch.no_grad()
