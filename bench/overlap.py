@@ -28,10 +28,11 @@ import torch.distributed as dist
 
 from bench.gloo import run_gloo
 from bench.timing_mode import SleepMoELayer, sleep_moe_runners
+from parallel.config import ParallelConfig
 from parallel.expert import ExpertParallelDispatcher
 from parallel.fabric import Fabric
+from parallel.grid import ProcessGrid
 from parallel.pipeline.executor import PipelineExecutor
-from parallel.pipeline.schedule import build_schedule
 from parallel.pipeline.simulate import Costs
 from parallel.pipeline.stage import rank_stages
 
@@ -46,16 +47,16 @@ WARMUP, STEPS = 1, 5
 
 
 def measure(rank: int, world: int, n_micro: int, overlap: bool) -> dict:
-    pp_rank, ep_rank = divmod(rank, EP)
-    groups = [dist.new_group([p * EP + e for e in range(EP)]) for p in range(PP)]
-    specs = rank_stages("dualpipe", PP, pp_rank, LAYERS)
-    layers = {i: SleepMoELayer(ExpertParallelDispatcher(groups[pp_rank], N_EXPERTS, gpus_per_node=EP,
-                                                        fabric=FABRIC), ATTN, MLP, N_EXPERTS, TOPK, seed=i)
+    grid = ProcessGrid.build(ParallelConfig(pp=PP, ep=EP, gpus_per_node=EP, schedule="dualpipe"))
+    specs = rank_stages(grid.schedule, grid.pp_rank, LAYERS)
+    layers = {i: SleepMoELayer(ExpertParallelDispatcher(grid.ep_group, N_EXPERTS, gpus_per_node=EP, fabric=FABRIC,
+                                                        bwd_group=grid.ep_bwd_group), ATTN, MLP, N_EXPERTS, TOPK,
+                               seed=i)
               for spec in specs for i in spec.layers}
     runners = sleep_moe_runners(specs, layers, SHAPE)
-    executor = PipelineExecutor("dualpipe", PP, pp_rank, [p * EP + ep_rank for p in range(PP)], runners, SHAPE,
-                                torch.float32, overlap=overlap)
-    actions = build_schedule("dualpipe", PP, pp_rank, n_micro)
+    executor = PipelineExecutor(grid.schedule, grid.pp_rank, grid.pp_ranks, runners, SHAPE, torch.float32,
+                                channels=grid.channels, overlap=overlap)
+    actions = grid.schedule.actions(grid.pp_rank, n_micro)
     rows = []
     for step in range(WARMUP + STEPS):
         dist.barrier()

@@ -27,8 +27,10 @@ import torch.distributed as dist
 
 from bench.gloo import run_gloo
 from bench.timing_mode import sleep_runners
+from parallel.config import ParallelConfig
+from parallel.grid import ProcessGrid
 from parallel.pipeline.executor import PipelineExecutor
-from parallel.pipeline.schedule import build_schedule
+from parallel.pipeline.schedule import make_schedule
 from parallel.pipeline.simulate import Costs, Timeline, formula_bubble, plot_timeline, simulate, write_chrome_trace
 from parallel.pipeline.stage import rank_stages
 
@@ -42,10 +44,12 @@ WARMUP, STEPS = 1, 3
 
 def measure(rank: int, pp: int, schedule: str) -> dict:
     n_micro = 2 * pp
-    specs = rank_stages(schedule, pp, rank, n_layers=0)
+    grid = ProcessGrid.build(ParallelConfig(pp=pp, schedule=schedule))
+    specs = rank_stages(grid.schedule, rank, n_layers=0)
     runners = sleep_runners(specs, COSTS, SHAPE)
-    executor = PipelineExecutor(schedule, pp, rank, list(range(pp)), runners, SHAPE, torch.float32)
-    actions = build_schedule(schedule, pp, rank, n_micro)
+    executor = PipelineExecutor(grid.schedule, rank, grid.pp_ranks, runners, SHAPE, torch.float32,
+                                channels=grid.channels)
+    actions = grid.schedule.actions(rank, n_micro)
     bubbles, events = [], []
     for step in range(WARMUP + STEPS):
         dist.barrier()
@@ -66,18 +70,17 @@ def main() -> None:
     for schedule in SCHEDULES:
         for pp in PPS:
             ranks = run_gloo(measure, pp, schedule)
-            timeline = simulate(schedule, pp, 2 * pp, COSTS)
+            timeline = simulate(make_schedule(schedule, pp), 2 * pp, COSTS)
             row = {"schedule": schedule, "pp": pp, "microbatches": 2 * pp,
                    "measured_bubble_s": max(r["bubble"] for r in ranks),
                    "measured_bubble_rank_s": [r["bubble"] for r in ranks],
                    "simulated_bubble_s": max(timeline.bubbles),
-                   "formula_bubble_s": formula_bubble(schedule, pp, COSTS)}
+                   "formula_bubble_s": formula_bubble(make_schedule(schedule, pp), COSTS)}
             rows.append(row)
             print(f"{schedule:10} {pp:>3} {row['measured_bubble_s'] / COSTS.F:>9.2f} "
                   f"{row['simulated_bubble_s'] / COSTS.F:>10.2f} {row['formula_bubble_s'] / COSTS.F:>8.2f}")
             if pp == 4 and schedule == "dualpipe":
-                by_label = {str(a): a for rank_actions in (build_schedule(schedule, pp, r, 2 * pp)
-                                                           for r in range(pp)) for a in rank_actions}
+                by_label = {str(a): a for r in range(pp) for a in make_schedule(schedule, pp).actions(r, 2 * pp)}
                 measured = Timeline([[(a, b, by_label[label]) for a, b, label in r["events"]] for r in ranks],
                                     name=f"{schedule} PP={pp}, measured (timing mode)")
                 write_chrome_trace(measured, RESULTS / "pipeline_dualpipe_measured.json")

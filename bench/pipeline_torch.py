@@ -28,8 +28,10 @@ from torch import nn
 from bench.gloo import run_gloo
 from model import Transformer
 from model.presets import load
+from parallel.config import ParallelConfig
+from parallel.grid import ProcessGrid
 from parallel.pipeline.executor import PipelineExecutor, StageRunner
-from parallel.pipeline.schedule import build_schedule
+from parallel.pipeline.schedule import make_schedule
 from parallel.pipeline.stage import MicroBatch, StageSpec, keep_stages, rank_stages, stage_forward
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,7 +55,7 @@ class _TorchStage(nn.Module):
 def _build(rank: int, schedule: str) -> tuple[Transformer, list[StageSpec]]:
     cfg = load("tiny")
     torch.manual_seed(0)
-    specs = rank_stages(schedule, PP, rank, cfg.n_layers)
+    specs = rank_stages(make_schedule(schedule, PP), rank, cfg.n_layers)
     return keep_stages(Transformer(cfg), specs), specs
 
 
@@ -75,8 +77,10 @@ def _ours(rank: int, schedule: str):
 
     stores = [m for m in model.modules() if hasattr(m, "wgrad_store")]
     runners = [StageRunner(spec, forward(spec), stores) for spec in specs]
-    executor = PipelineExecutor(schedule, PP, rank, list(range(PP)), runners, (1, SEQ, model.cfg.dim), torch.float32)
-    actions = build_schedule(schedule, PP, rank, N_MICRO)
+    grid = ProcessGrid.build(ParallelConfig(pp=PP, schedule=schedule))
+    executor = PipelineExecutor(grid.schedule, rank, grid.pp_ranks, runners, (1, SEQ, model.cfg.dim), torch.float32,
+                                channels=grid.channels)
+    actions = grid.schedule.actions(rank, N_MICRO)
 
     def step() -> None:
         executor.run(actions, N_MICRO)

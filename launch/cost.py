@@ -26,9 +26,10 @@ from model.moe import Gate
 from model.transformer import Transformer
 from parallel.expert import is_expert_param
 from parallel.pipeline.action import Action
-from parallel.pipeline.schedule import build_schedule, peak_activations
+from parallel.pipeline.schedule import Schedule, make_schedule
 from parallel.pipeline.simulate import Costs, formula_bubble, simulate
-from parallel.pipeline.stage import StageSpec, holders, part_of, rank_stages
+from parallel.pipeline.stage import StageSpec, holders, part_of, rank_stages, split_layers
+from parallel.pipeline.validate import peak_activations
 
 GB = 1e9
 FP8_ACT = 1 + 4 / 128  # E4M3 byte + one fp32 scale per 1x128 tile (paper 3.3: activations, dispatch)
@@ -87,6 +88,11 @@ class Layout:
     fp8: bool  # price the paper's FP8 recipe (3.3): FP8 GEMM weights, cached inputs and dispatch
     dispatch: str = "hierarchical"  # flat | hierarchical (parallel.dispatch)
     stage_layers: tuple[int, ...] | None = None  # parallel.stage_layers
+
+    @property
+    def pipeline(self) -> Schedule:
+        """The schedule object of `schedule` over `pp` ranks."""
+        return make_schedule(self.schedule, self.pp)
 
 
 # ---- the model, part by part ------------------------------------------------------------------------------------
@@ -230,7 +236,7 @@ def held_parts(specs: list[StageSpec], mtp: bool) -> list[str]:
 
 def peak_live_bytes(actions: list[Action], chunk_bytes: list[float]) -> float:
     """Most activation bytes alive at once on a rank running `actions`: a (phase, micro-batch) chunk holds
-    chunk_bytes[phase] from its F until its B, counted as `schedule.peak_activations` counts chunks (with equal
+    chunk_bytes[phase] from its F until its B, counted as `validate.peak_activations` counts chunks (with equal
     bytes per phase it is that count times the bytes)."""
     live: dict[tuple[int, int], float] = {}
     peak = 0.0
@@ -270,9 +276,9 @@ class RankMemory:
 
 def rank_memory(cfg: ModelConfig, parts: dict[str, Part], layout: Layout, rank: int, reserved: float) -> RankMemory:
     """Memory of pipeline rank `rank`: its stages from `rank_stages`, parameters from `parts`, activations from
-    `peak_live_bytes` over the rank's own action list (`build_schedule`)."""
+    `peak_live_bytes` over the rank's own action list (`Schedule.actions`)."""
     stage_layers = list(layout.stage_layers) if layout.stage_layers is not None else None
-    specs = rank_stages(layout.schedule, layout.pp, rank, cfg.n_layers, stage_layers)
+    specs = rank_stages(layout.pipeline, rank, cfg.n_layers, stage_layers)
     held = [parts[name] for name in held_parts(specs, cfg.n_mtp_depth > 0)]
     dense = sum(p.dense for p in held)
     expert = sum(p.expert for p in held) // layout.ep
@@ -282,7 +288,7 @@ def rank_memory(cfg: ModelConfig, parts: dict[str, Part], layout: Layout, rank: 
     optimizer = OPTIMIZER_BYTES * (dense / layout.dp + expert / (layout.dp // layout.ep))
     chunk = [sum(layout.tokens * parts[name].act_bytes + parts[name].act_fixed for name in stage_parts(spec))
              for spec in specs]
-    actions = build_schedule(layout.schedule, layout.pp, rank, layout.microbatches)
+    actions = layout.pipeline.actions(rank, layout.microbatches)
     activations = peak_live_bytes(actions, chunk)
     return RankMemory(rank, specs, dense, expert, weights, FP32 * (dense + expert), optimizer, activations,
                       peak_activations(actions), reserved)
@@ -356,11 +362,8 @@ class StageCost:
 def stage_costs(cfg: ModelConfig, parts: dict[str, Part], layout: Layout, cluster: Cluster,
                 a2a: AllToAll) -> list[StageCost]:
     """Costs of every stage (model order): FLOPs / (peak x mfu), FP8 GEMMs at the FP8 peak under FP8."""
-    from parallel.pipeline.action import num_stages
-    from parallel.pipeline.stage import split_layers
-
     stage_layers = list(layout.stage_layers) if layout.stage_layers is not None else None
-    n = num_stages(layout.schedule, layout.pp)
+    n = layout.pipeline.n_stages
     fp8_peak = (cluster.peak_tflops_fp8 if layout.fp8 else cluster.peak_tflops_bf16) * 1e12 * cluster.mfu
     bf16_peak = cluster.peak_tflops_bf16 * 1e12 * cluster.mfu
     out = []
@@ -378,7 +381,7 @@ def stage_costs(cfg: ModelConfig, parts: dict[str, Part], layout: Layout, cluste
 
 def overlapped(layout: Layout) -> bool:
     """DualPipe and DualPipeV overlap a forward chunk with another micro-batch's backward chunk (F&B)."""
-    return layout.schedule in ("dualpipe", "dualpipev")
+    return layout.pipeline.overlaps
 
 
 def action_seconds(costs: list[StageCost], stage_of_phase: list[int], action: Action) -> float:
@@ -430,7 +433,7 @@ def sync_seconds(cfg: ModelConfig, parts: dict[str, Part], memories: list[RankMe
     all-reduce moving 2 (k-1)/k of the fp32 bytes, `stage.holders`). Overlap with the last backward chunks is
     ignored: an upper bound."""
     stage_layers = list(layout.stage_layers) if layout.stage_layers is not None else None
-    holder = holders(layout.schedule, layout.pp, cfg.n_layers, stage_layers, cfg.n_mtp_depth > 0)
+    holder = holders(layout.pipeline, cfg.n_layers, stage_layers, cfg.n_mtp_depth > 0)
     edp = layout.dp // layout.ep
     out = 0.0
     for mem in memories:
@@ -447,14 +450,15 @@ def sync_seconds(cfg: ModelConfig, parts: dict[str, Part], memories: list[RankMe
 def step_time(cfg: ModelConfig, costs: list[StageCost], layout: Layout, sync: float) -> StepTime:
     """busy (the busiest rank's actions priced by `action_seconds`) + Table 2 bubble + sync."""
     stage_layers = list(layout.stage_layers) if layout.stage_layers is not None else None
+    schedule = layout.pipeline
     schedules, phase_stages = [], []
     for r in range(layout.pp):
-        schedules.append(build_schedule(layout.schedule, layout.pp, r, layout.microbatches))
-        specs = rank_stages(layout.schedule, layout.pp, r, cfg.n_layers, stage_layers)
+        schedules.append(schedule.actions(r, layout.microbatches))
+        specs = rank_stages(schedule, r, cfg.n_layers, stage_layers)
         phase_stages.append([spec.index for spec in specs])
     busy = tuple(sum(action_seconds(costs, phase_stages[r], a) for a in schedules[r]) for r in range(layout.pp))
     uniform = chunk_costs(costs, layout)
-    bubble = formula_bubble(layout.schedule, layout.pp, uniform)
-    timeline = simulate(layout.schedule, layout.pp, layout.microbatches,
-                        lambda r, a: action_seconds(costs, phase_stages[r], a), schedules)
+    bubble = formula_bubble(schedule, uniform)
+    timeline = simulate(schedule, layout.microbatches, lambda r, a: action_seconds(costs, phase_stages[r], a),
+                        schedules)
     return StepTime(busy, bubble, sync, timeline.makespan + sync, uniform)

@@ -37,7 +37,7 @@ from launch.cost import GB, Cluster, Layout
 from model import ModelConfig, Transformer, count_params
 from model.config import model_config
 from parallel.config import ParallelConfig, check_model_layout, microbatches_per_step
-from parallel.pipeline.schedule import ScheduleError, check_schedule_args
+from parallel.pipeline.schedule import ScheduleError
 from trainer.config import compose_config
 
 CLUSTERS = CONFIGS / "cluster"
@@ -200,7 +200,7 @@ def build_plan(model: ModelConfig, parallel: ParallelConfig, cluster: Cluster, f
         raise ConfigError(f"--micro-batch {micro_batch} and --global-batch {global_batch} must be >= 1")
     microbatches = microbatches_per_step(parallel, global_batch, micro_batch, dp, ("--global-batch", "--micro-batch"))
     try:
-        check_schedule_args(parallel.schedule, parallel.pp, microbatches)
+        parallel.pipeline_schedule().check_microbatches(microbatches)
     except ScheduleError as err:
         if parallel.microbatches is None:
             raise ScheduleError(f"{err} (derived: --global-batch {global_batch} / (--micro-batch {micro_batch} x "
@@ -235,8 +235,7 @@ def format_plan(plan: Plan, cluster_name: str) -> str:
     edp = lay.dp // lay.ep
     nodes_ep = -(-lay.ep // cl.gpus_per_node)
     n_stages = len(plan.stages)
-    copies = {"dualpipe": f"rank r holds stages r and {lay.pp - 1}-r: two copies of every stage",
-              "dualpipev": f"rank r holds stages r and {2 * lay.pp - 1}-r"}.get(lay.schedule, "one stage per rank")
+    copies = lay.pipeline.placement()
     gemm = "FP8 (--fp8: the paper's recipe, 3.3; the trainer's fp8.recipe is off)" if lay.fp8 else "BF16"
     out = [f"plan: PP {lay.pp} x DP {lay.dp} = {cl.gpus} GPUs ({cl.gpus // cl.gpus_per_node} x {cl.gpus_per_node}-GPU "
            f"nodes); EP {lay.ep} over {nodes_ep} node(s), expert-DP {edp}; ZeRO-1; no tensor parallelism",

@@ -12,8 +12,8 @@ from typing import Any
 from core.config import Config, ConfigError, choice
 from model.config import ModelConfig
 from parallel.fabric import Fabric
-from parallel.pipeline.action import ScheduleName, num_stages
-from parallel.pipeline.schedule import check_schedule_layout
+from parallel.pipeline.action import ScheduleName
+from parallel.pipeline.schedule import Schedule, make_schedule
 from parallel.pipeline.stage import split_layers
 
 Dispatch = choice("Dispatch", "flat hierarchical", __name__, refusal="is not a dispatch mode")
@@ -41,6 +41,12 @@ class ParallelConfig(Config):
     # Typed Any for Hydra, as model.yarn (OmegaConf 2.3 cannot merge an override into a None structured field).
     fabric: Any = None
     overlap: bool = True  # DualPipe: run each FB chunk's forward inside its backward (pipeline/overlap.py)
+    # SMs (NCCL CTAs) the expert all-to-all may take on CUDA, set on the EP groups (paper 3.2.2: 20 of the H800's
+    # 132 SMs); null: NCCL's own choice. Ignored on the CPU.
+    a2a_sms: int | None = 20
+    # reduce each ZeRO bucket's gradients (copies' sum, then reduce-scatter) as soon as they are final, during the
+    # pipeline's cool-down, instead of after the step (parallel/grad_reduce.py); bitwise the same results
+    overlap_grad_reduce: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,9 +70,13 @@ class ParallelConfig(Config):
             raise ConfigError(f"parallel.gpus_per_node={self.gpus_per_node} does not divide the world size "
                               f"{world_size}; every node holds the same number of ranks: choose "
                               f"gpus_per_node among {_divisors(world_size)} (or >= {world_size} for one node)")
-        check_schedule_layout(self.schedule, self.pp)
-        if not isinstance(self.overlap, bool):
-            raise ConfigError(f"parallel.overlap={self.overlap!r}: must be true or false")
+        self.pipeline_schedule()
+        if self.a2a_sms is not None and self.a2a_sms < 1:
+            raise ConfigError(f"parallel.a2a_sms={self.a2a_sms}: must be >= 1 (SMs for the all-to-all), or null for "
+                              "NCCL's default")
+        for name in ("overlap", "overlap_grad_reduce"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"parallel.{name}={getattr(self, name)!r}: must be true or false")
         if self.microbatches is not None and self.microbatches < 1:
             raise ConfigError(f"parallel.microbatches={self.microbatches}: must be >= 1, or null to derive it")
         gpn = self.gpus_per_node
@@ -75,6 +85,10 @@ class ParallelConfig(Config):
                               f"must fit inside one node or fill whole nodes; choose ep among {_divisors(gpn)} "
                               f"or a multiple of {gpn}")
         return self
+
+    def pipeline_schedule(self) -> Schedule:
+        """The schedule object of parallel.schedule over parallel.pp (its pp rules checked)."""
+        return make_schedule(self.schedule, self.pp)
 
     def nodes_in_ep(self) -> int:
         """Nodes spanned by one EP group (its ranks are contiguous)."""
@@ -85,7 +99,7 @@ def check_model_layout(cfg: ParallelConfig, model: ModelConfig) -> None:
     """The model must split over the grid: its layers over the pipeline stages, experts divisible by EP, and
     under node-limited routing across several nodes, one router group per node of the EP group (paper 3.2: a
     token reaches at most M nodes)."""
-    split_layers(model.n_layers, num_stages(cfg.schedule, cfg.pp), cfg.stage_layers)
+    split_layers(model.n_layers, cfg.pipeline_schedule().n_stages, cfg.stage_layers)
     if model.n_routed_experts % cfg.ep:
         raise ConfigError(f"model.n_routed_experts={model.n_routed_experts} is not divisible by parallel.ep="
                           f"{cfg.ep}; choose ep among {_divisors(model.n_routed_experts)}")

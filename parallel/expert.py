@@ -145,7 +145,8 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, grad_rows: torch.Tensor, grad_row_weights: torch.Tensor):
         layout = ctx.layout
         grad_row_weights = grad_row_weights.float().masked_fill(layout.local_ids < 0, 0.0)  # (R, K)
-        grad_h, grad_w = ctx.disp._run(ctx.disp._combine_flow(layout, [grad_rows, grad_row_weights]))
+        disp = ctx.disp
+        grad_h, grad_w = disp._run(disp._combine_flow(layout, [grad_rows, grad_row_weights], disp.bwd_group))
         return grad_h.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None
 
 
@@ -161,7 +162,8 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         disp = ctx.disp
-        rows, _ = disp.unpack(disp._run(disp._dispatch_flow(ctx.layout, disp.pack(grad.contiguous()))))
+        rows, _ = disp.unpack(disp._run(disp._dispatch_flow(ctx.layout, disp.pack(grad.contiguous()),
+                                                            disp.bwd_group)))
         return rows.to(ctx.dtype), None
 
 
@@ -170,8 +172,12 @@ class ExpertParallelDispatcher:
 
     def __init__(self, group: dist.ProcessGroup | None, n_experts: int, gpus_per_node: int = 8,
                  hierarchical: bool = False, fabric: Fabric | None = None, payload: Payload | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", bwd_group: dist.ProcessGroup | None = None) -> None:
         self.group, self.fabric = group, fabric
+        # the backward's exchanges run on a second communicator of the same ranks (the grid's ep_bwd group): under
+        # DualPipe's overlapped chunk a forward dispatch's small count exchange must not queue behind a backward
+        # payload in flight on the same NCCL stream
+        self.bwd_group = bwd_group if bwd_group is not None else group
         self.ep = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if n_experts % self.ep:
@@ -233,14 +239,14 @@ class ExpertParallelDispatcher:
                                                              layout.row_weights.clone()))
             return Dispatched(rows, layout.local_ids, row_weights, layout, packed, layout.expert_counts)
 
-        return CommHandle(self._dispatch_flow(layout, packed), finish, self.clock, self._wait_key)
+        return CommHandle(self._dispatch_flow(layout, packed, self.group), finish, self.clock, self._wait_key)
 
     def combine_async(self, y: torch.Tensor, layout: DispatchLayout) -> CommHandle:
         """Start sending y back; `wait()` returns what `combine` does."""
         def finish(tensors: list[torch.Tensor]) -> torch.Tensor:
             return _Combine.apply(y, (self, layout, tensors[0].to(y.dtype)))
 
-        return CommHandle(self._combine_flow(layout, [y.detach()]), finish, self.clock, self._wait_key)
+        return CommHandle(self._combine_flow(layout, [y.detach()], self.group), finish, self.clock, self._wait_key)
 
     def stats(self) -> dict[str, float]:
         """Totals since the last call (then reset): dispatches, dispatch_rows, tokens, cross_node_bytes, wait_s,
@@ -326,11 +332,11 @@ class ExpertParallelDispatcher:
         return Hop(index=index, send=send_l, recv=recv_l, n_in=n_in, cross_node_rows=cross), meta_in
 
     # ---- payload flows (generators yielding the works in flight of each hop) ----------------------------
-    def _a2a(self, tensors: list[torch.Tensor], send: list[int], recv: list[int]):
+    def _a2a(self, tensors: list[torch.Tensor], send: list[int], recv: list[int], group: dist.ProcessGroup | None):
         outs, works = [], []
         for t in tensors:
             out = t.new_empty((sum(recv), *t.shape[1:]))
-            works.append(dist.all_to_all_single(out, t.contiguous(), recv, send, group=self.group, async_op=True))
+            works.append(dist.all_to_all_single(out, t.contiguous(), recv, send, group=group, async_op=True))
             outs.append(out)
         if self.fabric is not None:  # the simulated network: the exchange lasts what it would on the cluster
             row_bytes = sum(t.element_size() * math.prod(t.shape[1:]) for t in tensors)
@@ -343,22 +349,24 @@ class ExpertParallelDispatcher:
             works.append(LinkDelay(seconds))
         return outs, works
 
-    def _dispatch_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor]) -> Flow:
-        """Per-token tensors [N, ...] -> per-row tensors [R, ...] (forward hop by hop)."""
+    def _dispatch_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor], group: dist.ProcessGroup | None
+                       ) -> Flow:
+        """Per-token tensors [N, ...] -> per-row tensors [R, ...] (forward hop by hop) over `group`."""
         for hop in layout.hops:
-            tensors, works = self._a2a([t.index_select(0, hop.index) for t in tensors], hop.send, hop.recv)
+            tensors, works = self._a2a([t.index_select(0, hop.index) for t in tensors], hop.send, hop.recv, group)
             yield works
         if layout.perm is not None:
             tensors = [t.index_select(0, layout.perm) for t in tensors]
         return tensors
 
-    def _combine_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor]) -> Flow:
-        """Per-row tensors [R, ...] -> per-token fp32 sums [N, ...] (hops reversed, relays sum first)."""
+    def _combine_flow(self, layout: DispatchLayout, tensors: list[torch.Tensor], group: dist.ProcessGroup | None
+                      ) -> Flow:
+        """Per-row tensors [R, ...] -> per-token fp32 sums [N, ...] (hops reversed, relays sum first) over `group`."""
         dtypes = [t.dtype for t in tensors]
         if layout.perm is not None:  # back to the last hop's arrival order
             tensors = [torch.empty_like(t).index_copy_(0, layout.perm, t) for t in tensors]
         for i, hop in enumerate(reversed(layout.hops)):
-            tensors, works = self._a2a(tensors, hop.recv, hop.send)
+            tensors, works = self._a2a(tensors, hop.recv, hop.send, group)
             yield works
             last = i == len(layout.hops) - 1
             tensors = [torch.zeros((hop.n_in, *t.shape[1:]), dtype=torch.float32, device=t.device)

@@ -16,6 +16,12 @@ pp 2, ep 2, gpus_per_node 4:
                                              PP groups  [0 4] [1 5] [2 6] [3 7]   (ordered by stage)
                                              mirror pairs and embedding groups: the PP groups here
 
+Pipeline point-to-point runs on channels (parallel/pipeline/p2p.py): one 2-rank group per (producer position,
+consumer position, activation or gradient) that the schedule uses, in every pipeline, so that no p2p op needs a
+tag or shares a communicator with another kind of tensor or with a collective. The expert all-to-alls of the
+backward run on a second EP group (`ep_bwd`), so that a forward dispatch of DualPipe's overlapped chunk never
+queues behind a backward payload on one communicator.
+
 DualPipe keeps two copies of each stage: pipeline position s holds stages s and PP-1-s, so positions s and
 PP-1-s with the same dp_rank form a mirror pair whose gradients are summed (for odd PP the middle position pairs
 with itself). The embedding (stage 0) and the output head + MTP (last stage) therefore sit together on positions
@@ -40,6 +46,8 @@ import torch.distributed as dist
 
 from core.config import ConfigError
 from parallel.config import ParallelConfig
+from parallel.pipeline.p2p import Channel, new_channel_groups, warm_up
+from parallel.pipeline.schedule import Schedule
 
 __all__ = ["GridLayout", "ProcessGrid", "check_launch", "device_type", "resolve_device"]
 
@@ -166,17 +174,22 @@ def _group(kind: str) -> property:
 
 @dataclass(frozen=True)
 class ProcessGrid(GridLayout):
-    """A `GridLayout` with this process's groups: `<kind>_group` for the kinds dp, pp, ep, edp, mirror and embed
-    (`embed_group` is None on middle pipeline positions; every group is None in a one-process run), the backend
-    ("nccl", "gloo", or None without a process group) and the device every tensor of this rank lives on."""
+    """A `GridLayout` with this process's groups: `<kind>_group` for the kinds dp, pp, ep, ep_bwd, edp, mirror and
+    embed (`embed_group` is None on middle pipeline positions; every group is None in a one-process run), the
+    pipeline `schedule` the grid was built for and its p2p `channels` (this rank's 2-rank group per channel, keyed
+    in pipeline positions), the backend ("nccl", "gloo", or None without a process group) and the device every
+    tensor of this rank lives on."""
 
     backend: str | None = None
     device: torch.device = torch.device("cpu")
+    schedule: Schedule | None = field(default=None, compare=False)
     groups: dict[str, dist.ProcessGroup | None] = field(default_factory=dict, compare=False, repr=False)
+    channels: dict[Channel, dist.ProcessGroup] = field(default_factory=dict, compare=False, repr=False)
 
     dp_group = _group("dp")
     pp_group = _group("pp")
     ep_group = _group("ep")
+    ep_bwd_group = _group("ep_bwd")
     edp_group = _group("edp")
     mirror_group = _group("mirror")
     embed_group = _group("embed")
@@ -199,23 +212,32 @@ class ProcessGrid(GridLayout):
 
         On a CUDA device every group carries two backends, `cuda:nccl,cpu:gloo`: tensors on the GPU go over NCCL,
         host values (metrics, checkpoint indexes) over gloo, so that no collective needs a host tensor copied to
-        the device or back. On the CPU it is gloo alone."""
+        the device or back; the p2p channels carry device tensors only (nccl). On the CPU it is gloo alone. No
+        `device_id` is bound at init: with one, every new group would run a world-wide ncclCommSplit, and a
+        large pipeline has 4 (PP-1) DP channel groups; each channel's communicator is made by `p2p.warm_up`
+        instead. The EP groups get `parallel.a2a_sms` as NCCL's CTA cap (`nccl_options`)."""
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         layout = GridLayout.of(world, cfg, rank)
+        schedule = cfg.pipeline_schedule()
         place = resolve_device(device)
         check_launch(cfg, world, place, os.environ, torch.cuda.device_count() if place.type == "cuda" else 0)
         if world == 1 and not dist.is_initialized():
-            return cls(**_fields(layout), backend=None, device=place, groups={})
+            return cls(**_fields(layout), backend=None, device=place, schedule=schedule)
         if place.type == "cuda":
             torch.cuda.set_device(place)
         backend = BACKENDS[place.type]
         timeout = timedelta(seconds=cfg.timeout_s)
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timeout)
-        groups = {kind: _new_groups(getattr(layout, f"{kind}_groups")(), rank, timeout, backend)
+        options = {"ep": nccl_options(cfg.a2a_sms, place.type), "ep_bwd": nccl_options(cfg.a2a_sms, place.type)}
+        groups = {kind: _new_groups(getattr(layout, f"{kind}_groups")(), rank, timeout, backend, options.get(kind))
                   for kind in ("dp", "pp", "ep", "edp", "mirror", "embed")}
-        return cls(**_fields(layout), backend=dist.get_backend(), device=place, groups=groups)
+        groups["ep_bwd"] = _new_groups(layout.ep_groups(), rank, timeout, backend, options["ep_bwd"])
+        channels = new_channel_groups(schedule, layout.pp_groups(), rank, P2P_BACKENDS[place.type], timeout)
+        warm_up(channels, layout.pp_ranks, place)
+        return cls(**_fields(layout), backend=dist.get_backend(), device=place, schedule=schedule, groups=groups,
+                   channels=channels)
 
     def describe(self, schedule: str, dispatch: str) -> str:
         """The layout line the trainer prints first."""
@@ -239,12 +261,26 @@ def _fields(layout: GridLayout) -> dict:
 
 
 BACKENDS = {"cuda": "cuda:nccl,cpu:gloo", "cpu": "gloo"}  # by device type (ProcessGrid.build says why)
+P2P_BACKENDS = {"cuda": "nccl", "cpu": "gloo"}  # the pipeline's channels carry device tensors only
 
 
-def _new_groups(groups: list[list[int]], rank: int, timeout: timedelta, backend: str) -> dist.ProcessGroup | None:
+def nccl_options(a2a_sms: int | None, device_type: str) -> object | None:
+    """ProcessGroupNCCL options capping the CTAs (one SM each) NCCL's kernels may take on a group's collectives at
+    `a2a_sms` (parallel.a2a_sms; paper 3.2.2: 20 of the H800's 132 SMs for communication), for the EP groups;
+    None on the CPU or without a cap."""
+    if device_type != "cuda" or a2a_sms is None:
+        return None
+    options = dist.ProcessGroupNCCL.Options()
+    options.config.max_ctas = a2a_sms
+    return options
+
+
+def _new_groups(groups: list[list[int]], rank: int, timeout: timedelta, backend: str,
+                options: object | None = None) -> dist.ProcessGroup | None:
     mine = None
+    extra = {"pg_options": options} if options is not None else {}
     for ranks in groups:  # every rank creates every group, in the same order
-        group = dist.new_group(ranks, timeout=timeout, backend=backend)
+        group = dist.new_group(ranks, timeout=timeout, backend=backend, **extra)
         if rank in ranks:
             mine = group
     return mine

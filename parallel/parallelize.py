@@ -1,6 +1,7 @@
 """Every parallelism applied to a model from outside, in one place and one order (DESIGN.md principle 1, paper 3.2).
 
     pipeline = parallelize(model, grid, cfg.parallel, cfg.fp8, dtype)
+    opt = build_optimizer(model, grid, pipeline, cfg.optim)
 
 1. `apply_pipeline` (parallel/pipeline/pipeline.py) cuts the model to this rank's pipeline stages first, so that
    everything after it sees only the layers this rank runs (and a one-process run keeps them all);
@@ -25,10 +26,15 @@ from fp8.config import FP8Config
 from fp8.recipe import apply_fp8, dispatch_payload
 from model.moe import MoE
 from model.transformer import Transformer
+from optim.adamw import AdamW
+from optim.config import OptimConfig
+from optim.optimizer import Optimizer
 from parallel.config import ParallelConfig
-from parallel.expert import ExpertParallelDispatcher, Payload, expert_range
+from parallel.expert import ExpertParallelDispatcher, Payload, expert_range, is_expert_param
+from parallel.grad_reduce import OverlappedGradReduce
 from parallel.grid import ProcessGrid
 from parallel.pipeline.pipeline import Pipeline, apply_pipeline
+from parallel.zero import ZeroOptimizer
 
 
 def parallelize(model: Transformer, grid: ProcessGrid, parallel: ParallelConfig, fp8: FP8Config,
@@ -57,4 +63,22 @@ def apply_expert_parallel(model: nn.Module, grid: ProcessGrid, cfg: ParallelConf
         moe.experts.n_experts = end - start
         moe.dispatcher = ExpertParallelDispatcher(grid.ep_group, n_experts, gpus_per_node=grid.gpus_per_node,
                                                   hierarchical=cfg.dispatch == "hierarchical", fabric=cfg.fabric,
-                                                  payload=payload, device=grid.device)
+                                                  payload=payload, device=grid.device, bwd_group=grid.ep_bwd_group)
+
+
+def build_optimizer(model: nn.Module, grid: ProcessGrid, pipeline: Pipeline, cfg: OptimConfig) -> Optimizer:
+    """The run's optimizer: AdamW in one process (the reference), ZeRO-1 over the grid's data-parallel groups
+    otherwise, its buckets cut by the pipeline's gradient groups (`Pipeline.grad_group`); with a pipeline the norm
+    also sums over the pipeline group, each parameter counted with the pipeline's `norm_share` (1 / the pipeline
+    ranks holding it). With parallel.overlap_grad_reduce the pipeline reduces each bucket into the optimizer's
+    shards during the step (parallel/grad_reduce.py)."""
+    if grid.world_size == 1:
+        return AdamW(model.named_parameters(), cfg)
+    piped = grid.pp > 1
+    opt = ZeroOptimizer(model.named_parameters(), cfg, grid.dp_group, grid.edp_group, is_expert_param,
+                        extra_group=grid.pp_group if piped else None,
+                        norm_share=pipeline.norm_share if piped else None, bucket_key=pipeline.grad_group)
+    if pipeline.cfg.overlap_grad_reduce:
+        pipeline.reducer = OverlappedGradReduce(opt, pipeline.schedule, grid.pp_rank, pipeline.replica_groups,
+                                                grid.device)
+    return opt

@@ -5,7 +5,9 @@ gradients; the fp32 master weights and the AdamW moments are split across the ra
 1/DP of them (paper 3.3 "Storage": fp32 masters, bf16 or fp32 moments).
 
 Layout (Megatron conventions, /work/shared/notes/references.md):
-- Parameters are bucketed into flat buffers per (parameter dtype, expert or dense). A buffer is padded to a
+- Parameters are bucketed into flat buffers per (parameter dtype, expert or dense, `bucket_key`: the pipeline's
+  gradient group, the parameters whose gradients become final together and are summed over the same pipeline
+  copies, parallel/grad_reduce.py). A buffer is padded to a
   multiple of its group's size and every rank of the group owns one contiguous shard of it, ignoring parameter
   boundaries. Dense buffers are sharded over the data-parallel group (DP ranks), routed-expert buffers over the
   expert-data-parallel group (the ranks that hold the same experts: DP / EP of them, strided in rank order).
@@ -22,7 +24,12 @@ One step:
    right after.
 2. the global gradient norm is computed from the reduced shards and the shards are clipped;
 3. `optim.adamw.adamw_update` runs on the fp32 master shards (it is elementwise, so flat slices are fine);
-4. the updated shards are rounded to the parameter dtype and all-gathered back into the parameters.
+4. the updated shards are rounded to the parameter dtype and all-gathered back into the parameters, each
+   bucket's all-gather started as soon as its update is done (the next bucket's update runs while it travels).
+
+With a pipeline, step 1 may already have run per bucket during the step's cool-down
+(parallel/grad_reduce.py: `flat_grads` and `start_reduce_scatter` are its pieces); `grad_norm` reduces only
+the buckets that are not.
 
 Gradient averaging. The trainer's loss on rank r, L_r, is the mean over its local micro-batches; the global
 objective is L = (1/DP) sum_r L_r. A dense weight is replicated, so dL/dw = (1/DP) sum_r dL_r/dw: pre-scale by
@@ -53,7 +60,7 @@ as in Megatron; `optim.adamw.AdamW` skips it instead. In training every trained 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -62,11 +69,9 @@ from torch import Tensor, nn
 
 from core.config import torch_dtype
 from model.grads import grad_of
-from optim.adamw import AdamW, adamw_update, weight_decay_of
+from optim.adamw import adamw_update, weight_decay_of
 from optim.config import OptimConfig
 from optim.optimizer import Optimizer, Read, ShapeOf, grad_norm_sq, scale_grads_
-from parallel.expert import is_expert_param
-from parallel.grid import ProcessGrid
 
 # torch 2.13's names of reduce_scatter_tensor / all_gather_into_tensor, which it deprecates; the older names keep the
 # code running on the torch that GPU images ship (2.11 on this project's lent machines)
@@ -119,6 +124,7 @@ class _Bucket:
     exp_avg_sq: Tensor = field(default_factory=lambda: torch.empty(0, device="cpu"))
     step: int = 0
     grad_shard: Tensor | None = None
+    key: Hashable = None  # the bucket_key its parameters share
 
     @property
     def shard_start(self) -> int:
@@ -141,6 +147,8 @@ class ZeroOptimizer(Optimizer):
     default; 1/k for a parameter that k pipeline ranks hold, such as DualPipe's two copies of every stage).
     `force_collectives`: run the reduce-scatter, all-reduce and all-gather even over groups of one rank (the GPU
     smoke kit checks devices and dtypes on a one-rank NCCL group with it; the results are the same).
+    `bucket_key(name)`: parameters with different keys go to different buckets (`_Bucket.key`; the pipeline's
+    gradient groups); None: one bucket per dtype and kind.
     Every method that communicates (step, grad_norm, full_state_dict, the loads) must be called on all ranks.
     """
 
@@ -148,7 +156,8 @@ class ZeroOptimizer(Optimizer):
                  dp_group: dist.ProcessGroup | None, expert_dp_group: dist.ProcessGroup | None,
                  is_expert: Callable[[str], bool], grad_scale_expert: float = 1.0,
                  extra_group: dist.ProcessGroup | None = None,
-                 norm_share: Callable[[str], float] | None = None, force_collectives: bool = False) -> None:
+                 norm_share: Callable[[str], float] | None = None, force_collectives: bool = False,
+                 bucket_key: Callable[[str], Hashable] | None = None) -> None:
         super().__init__(named_params, cfg)
         self.dp = _Group.of(dp_group)
         self.expert_dp = _Group.of(expert_dp_group) if expert_dp_group is not None else self.dp
@@ -162,11 +171,12 @@ class ZeroOptimizer(Optimizer):
         if len(devices) > 1:
             raise ValueError(f"ZeroOptimizer: the parameters live on several devices {sorted(map(str, devices))}")
         self.device = devices.pop() if devices else torch.device("cpu")  # masters, moments and buffers live here
-        classes: dict[tuple[torch.dtype, bool], list[str]] = {}
+        classes: dict[tuple[torch.dtype, bool, Hashable], list[str]] = {}
         for name, p in self.params.items():
-            classes.setdefault((p.dtype, bool(is_expert(name))), []).append(name)
-        self.buckets: list[_Bucket] = [self._build_bucket(dtype, expert, names)
-                                       for (dtype, expert), names in classes.items()]
+            key = bucket_key(name) if bucket_key is not None else None
+            classes.setdefault((p.dtype, bool(is_expert(name)), key), []).append(name)
+        self.buckets: list[_Bucket] = [self._build_bucket(dtype, expert, names, key)
+                                       for (dtype, expert, key), names in classes.items()]
         # per shard element, the share of its square in the global norm; None when every share is 1
         self._norm_shares: list[Tensor | None] = [None] * len(self.buckets)
         if norm_share is not None:
@@ -178,13 +188,14 @@ class ZeroOptimizer(Optimizer):
         self._bucket_of = {name: b for b in self.buckets for name in b.names}
 
     @torch.no_grad()
-    def _build_bucket(self, dtype: torch.dtype, expert: bool, names: list[str]) -> _Bucket:
+    def _build_bucket(self, dtype: torch.dtype, expert: bool, names: list[str], key: Hashable = None) -> _Bucket:
         group = self.expert_dp if expert else self.dp
         offsets, numel = [], 0
         for name in names:
             offsets.append(numel)
             numel += self.params[name].numel()
-        b = _Bucket(dtype, expert, group, names, offsets, numel, shard_size=max(1, math.ceil(numel / group.size)))
+        b = _Bucket(dtype, expert, group, names, offsets, numel, shard_size=max(1, math.ceil(numel / group.size)),
+                    key=key)
         lo_shard, hi_shard = b.shard_start, b.shard_start + b.shard_size
         moment_dtype = torch_dtype(self.cfg.moment_dtype)
         dev = self.device
@@ -209,22 +220,36 @@ class ZeroOptimizer(Optimizer):
     # ---- gradients ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def flat_grads(self, b: _Bucket) -> Tensor:
+        """A fresh fp32 flat buffer holding the bucket's gradients (zeros for padding and missing gradients)."""
+        flat = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
+        for name, off in zip(b.names, b.offsets):
+            g = grad_of(self.params[name])
+            if g is not None:
+                flat[off:off + g.numel()].copy_(g.reshape(-1))
+        return flat
+
+    @torch.no_grad()
+    def start_reduce_scatter(self, b: _Bucket, flat: Tensor) -> dist.Work | None:
+        """Average `flat` (the bucket's summed gradients) as the module docstring derives and start its
+        reduce-scatter into `b.grad_shard`; the work to wait for (None: nothing to reduce over one rank)."""
+        scale = (self.grad_scale_expert if b.expert else 1.0) / self.dp.size
+        if scale != 1.0:  # keeps DP = 1 bitwise equal to the replicated optimizer
+            flat.mul_(scale)
+        if b.group.size == 1 and not self.force_collectives:
+            b.grad_shard = flat
+            return None
+        b.grad_shard = torch.empty(b.shard_size, dtype=torch.float32, device=self.device)
+        return _reduce_scatter(b.grad_shard, flat, op=dist.ReduceOp.SUM, group=b.group.group, async_op=True)
+
+    @torch.no_grad()
     def _reduce_grads(self) -> None:
-        """Reduce-scatter every bucket's gradient into this rank's fp32 shard, averaged as the docstring derives."""
+        """Reduce-scatter the gradient of every bucket not reduced yet into this rank's fp32 shard."""
         for b in self.buckets:
-            flat = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
-            for name, off in zip(b.names, b.offsets):
-                g = grad_of(self.params[name])
-                if g is not None:
-                    flat[off:off + g.numel()].copy_(g.reshape(-1))
-            scale = (self.grad_scale_expert if b.expert else 1.0) / self.dp.size
-            if scale != 1.0:  # keeps DP = 1 bitwise equal to the replicated optimizer
-                flat.mul_(scale)
-            if b.group.size == 1 and not self.force_collectives:
-                b.grad_shard = flat
-            else:
-                b.grad_shard = torch.empty(b.shard_size, dtype=torch.float32, device=self.device)
-                _reduce_scatter(b.grad_shard, flat, op=dist.ReduceOp.SUM, group=b.group.group)
+            if b.grad_shard is None:
+                work = self.start_reduce_scatter(b, self.flat_grads(b))
+                if work is not None:
+                    work.wait()
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -255,30 +280,39 @@ class ZeroOptimizer(Optimizer):
                 return value
             if max_norm > 0:
                 scale_grads_([b.grad_shard for b in self.buckets], norm, max_norm)  # as clip_grad_norm_ (and torch)
+            gathers = []
             for b in self.buckets:
                 b.step += 1
                 for lo, hi, wd in b.runs:
                     adamw_update(b.master[lo:hi], b.grad_shard[lo:hi], b.exp_avg[lo:hi], b.exp_avg_sq[lo:hi],
                                  b.step, lr, self.cfg, wd)
+                gathers.append(self._start_gather(b))  # travels while the next bucket updates
+            for gathered in gathers:
+                self._finish_gather(*gathered)
         finally:
             for b in self.buckets:
                 b.grad_shard = None
-        self._gather_params()
         return value
 
     @torch.no_grad()
-    def _gather_params(self) -> None:
+    def _gather_params(self, buckets: list[_Bucket] | None = None) -> None:
         """Round the master shards to the parameter dtype, all-gather them and write them into the parameters."""
-        for b in self.buckets:
-            shard = b.master.to(b.dtype)
-            if b.group.size == 1 and not self.force_collectives:
-                full = shard
-            else:
-                full = torch.empty(b.padded, dtype=b.dtype, device=self.device)
-                _all_gather(full, shard, group=b.group.group)
-            for name, off in zip(b.names, b.offsets):
-                p = self.params[name]
-                p.copy_(full[off:off + p.numel()].view(p.shape))
+        for b, full, work in [self._start_gather(b) for b in (self.buckets if buckets is None else buckets)]:
+            self._finish_gather(b, full, work)
+
+    def _start_gather(self, b: _Bucket) -> tuple[_Bucket, Tensor, dist.Work | None]:
+        shard = b.master.to(b.dtype)
+        if b.group.size == 1 and not self.force_collectives:
+            return b, shard, None
+        full = torch.empty(b.padded, dtype=b.dtype, device=self.device)
+        return b, full, _all_gather(full, shard, group=b.group.group, async_op=True)
+
+    def _finish_gather(self, b: _Bucket, full: Tensor, work: dist.Work | None) -> None:
+        if work is not None:
+            work.wait()
+        for name, off in zip(b.names, b.offsets):
+            p = self.params[name]
+            p.copy_(full[off:off + p.numel()].view(p.shape))
 
     def zero_grad(self) -> None:
         super().zero_grad()
@@ -387,14 +421,3 @@ class ZeroOptimizer(Optimizer):
                 b.exp_avg_sq[seg.lo:seg.hi] = read(f"exp_avg_sq.{seg.name}", a, z)
         self._gather_params()
 
-
-def build_optimizer(model: nn.Module, grid: ProcessGrid, norm_share: Callable[[str], float] | None,
-                    cfg: OptimConfig) -> Optimizer:
-    """The run's optimizer: AdamW in one process (the reference), ZeRO-1 over the grid's data-parallel groups
-    otherwise; with a pipeline the norm also sums over the pipeline group, each parameter counted with
-    `norm_share(name)` (the pipeline's: 1 / the number of pipeline ranks holding it)."""
-    if grid.world_size == 1:
-        return AdamW(model.named_parameters(), cfg)
-    piped = grid.pp > 1
-    return ZeroOptimizer(model.named_parameters(), cfg, grid.dp_group, grid.edp_group, is_expert_param,
-                         extra_group=grid.pp_group if piped else None, norm_share=norm_share if piped else None)

@@ -27,7 +27,7 @@ from optim.config import OptimConfig
 from optim.schedules import batch_size_at
 from parallel.config import ParallelConfig, check_model_layout, microbatches_per_step
 from parallel.grid import device_type
-from parallel.pipeline.schedule import check_schedule_args
+from parallel.pipeline.validate import validate_schedule
 
 SCHEMA = "hai_train_schema"  # the root schema's name in Hydra's ConfigStore
 CONFIG_MODULE = "configs"  # the Hydra config tree, a package shipped with the code (configs/__init__.py)
@@ -162,13 +162,15 @@ class RunConfig:
 
     def _check_microbatches(self, dp: int) -> None:
         """The pipeline's micro-batches per step, at the end of the batch-size ramp and at its start, must suit
-        the schedule (DualPipe: even and at least 2 x pp); parallel.microbatches, when set, must be the first."""
+        the schedule (DualPipe: even and at least 2 x pp), and the schedule's p2p order must run under NCCL's rules
+        for them (validate.validate_schedule); parallel.microbatches, when set, must be the first."""
         t = self.trainer
         final = microbatches_per_step(self.parallel, t.global_batch_size, t.micro_batch_size, dp)
         per_pass = t.micro_batch_size * dp
         first = batch_size_at(self.optim, 0, t.global_batch_size, per_pass) // per_pass
+        schedule = self.parallel.pipeline_schedule()
         for n in sorted({first, final}):
-            check_schedule_args(self.parallel.schedule, self.parallel.pp, n)
+            validate_schedule(schedule, n)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).to_dict() for name in GROUPS}

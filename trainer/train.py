@@ -46,9 +46,8 @@ from model.moe import Gate
 from optim.optimizer import Optimizer
 from optim.schedules import batch_size_at, bias_gamma_at, lr_at, mtp_lambda_at
 from parallel.grid import ProcessGrid
-from parallel.parallelize import parallelize
+from parallel.parallelize import build_optimizer, parallelize
 from parallel.pipeline.pipeline import LOSS_KEYS, Batch, Pipeline
-from parallel.zero import build_optimizer
 from trainer import reduce
 from trainer.balance import BiasBalancer
 from trainer.checkpoint import CheckpointError, ensure_writable, latest_checkpoint
@@ -122,7 +121,7 @@ def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
     model.to(grid.device)
     cast_for_compute(model, dtype)
     attach_main_grads(model.parameters())
-    opt = build_optimizer(model, grid, pipeline.norm_share, cfg.optim)
+    opt = build_optimizer(model, grid, pipeline, cfg.optim)
     balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=grid.dp_group,
                             replicas=pipeline.gate_replicas(), report_group=grid.pp_group if grid.pp > 1 else None,
                             all_gates=Transformer.gate_names(cfg.model), device=grid.device)

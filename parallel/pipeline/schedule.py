@@ -1,78 +1,330 @@
-"""Pipeline schedules as data (paper 3.2.1, Table 2): `build_schedule` returns one rank's list of `Action`s for
-1F1B, ZB1P (ZeroBubble's ZB-H1), DualPipe and DualPipeV; `validate_schedule` proves a set of per-rank lists
-complete, ordered, deadlock-free and FIFO-consistent on every link; `peak_activations` counts live chunks.
+"""Pipeline schedules as objects (paper 3.2.1, Table 2): one type per schedule (`OneFOneB`, `ZB1P`, `DualPipe`,
+`DualPipeV`, and `ForwardOnly` for evaluation), built once from the config by `make_schedule(name, pp)` and
+validated on construction. A schedule owns the stage placement (`stage_of`, `owner`, `direction_of`,
+`n_stages`), the data flow it implies (`takes`, `makes`), its rules on micro-batch counts
+(`check_microbatches`) and each rank's `actions` for one step; nothing else compares schedule names.
 
-`replay` is the one implementation of the data-flow rules (action.py's docstring): the validator runs it with
-unit costs to find deadlocks, `simulate.simulate` runs it with real costs to price a schedule.
+Placement. Over R ranks the model is split into `n_stages` stages in model order (stage 0 embeds, the last
+computes the output head and MTP); rank r runs `stage_of(r, phase)` in its phase 0 and (dual schedules) 1:
 
-FB convention (validator, simulator and executor agree): an FB starts once the inputs of both its parts exist;
-on a link it consumes its forward's input before its backward's; both parts' outputs exist when the FB ends and
-go out forward's first. For activation counting its forward is allocated before its backward frees.
+    1f1b, zb1p   one stage per rank: stage = rank; R stages
+    dualpipe     R stages, every rank holds two: phase 0 = stage rank, phase 1 = stage R-1-rank (a second copy of
+                 the mirror rank's stage; the copies' gradients are summed). Micro-batches of direction 0 enter at
+                 rank 0 and run through phase 0 of ranks 0..R-1; those of direction 1 (the second half of the
+                 step's micro-batches) enter at rank R-1 and run through phase 1 of ranks R-1..0.
+    dualpipev    2R stages in a V: phase 0 = stage rank, phase 1 = stage 2R-1-rank; every micro-batch runs phase 0
+                 down ranks 0..R-1, then phase 1 back up ranks R-1..0. Rank 0 holds the first and last stage.
 
-Links and tags. A link (producer rank -> consumer rank) carries activations and gradients. Each kind arrives in
-the order the consumer's actions use it for every schedule here, so two tags (the executor's) make matching
-exact. In one untagged FIFO, DualPipe from PP=6 and DualPipeV from PP=3 do not hold: a rank's first main-step
-forward uses an activation sent before the gradients its step-3 backwards use; the reference receives it ahead,
-at the end of step 2 (`recv0=False`), which action lists cannot express. `validate_schedule(tags=False)` checks
-the untagged order for executors without tags.
+Data flow (no explicit send/receive actions): F of (stage s, micro-batch m) consumes F(s-1, m)'s output and
+produces F(s+1, m)'s input; B(s, m) consumes the gradient from B(s+1, m) and produces the one B(s-1, m) needs;
+W(s, m), the weight-gradient GEMMs B(s, m) deferred, needs only B(s, m) on the same rank. When producer and
+consumer sit on different ranks the tensor travels between them, in the order the producer runs.
+
+Orders. 1F1B: warm-up forwards, one-forward-one-backward, cool-down backwards. ZB1P (ZeroBubble's ZB-H1): 1F1B's
+order with every backward split into B and a W run late. DualPipe and DualPipeV: the 8 steps of
+deepseek-ai/DualPipe (paper Figure 5), with FB actions (an overlapped forward-backward pair) in the steady phase.
+`build_schedule(name, R, rank, C)` is the name-string entry point (the checks and tools use it).
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Callable
+from collections import deque
+from typing import ClassVar
 
-from parallel.pipeline.action import (
-    Action,
-    ScheduleError,
-    check_schedule_layout,
-    direction_of,
-    num_stages,
-    owner,
-    phases,
-    stage_of,
-)
+from core.config import ConfigError
+from parallel.pipeline.action import Action, ScheduleError, ScheduleName
 
-__all__ = ["Action", "Event", "ScheduleError", "build_forward_schedule", "build_schedule", "check_schedule_args",
-           "check_schedule_layout", "peak_activations", "replay", "validate_schedule"]
+__all__ = ["DualPipe", "DualPipeV", "ForwardOnly", "OneFOneB", "Schedule", "ScheduleError", "Tensor", "ZB1P",
+           "build_schedule", "make_schedule"]
 
-Event = tuple[float, float, Action]
+Tensor = tuple[str, int, int]  # what travels: ("activation" | "gradient", the stage consuming it, micro-batch)
 
 
-def check_schedule_args(name: str, num_ranks: int, num_microbatches: int) -> None:
-    """The rules the reference implementations assert, as errors naming the config keys and the fix."""
-    check_schedule_layout(name, num_ranks)
-    if num_microbatches < 1:
-        raise ScheduleError(f"parallel.microbatches={num_microbatches}: a step needs at least one micro-batch")
-    if name == "dualpipe":
-        if num_microbatches % 2:
+class Schedule:
+    """A pipeline schedule over `pp` ranks (see the module docstring). Subclasses set `name`, `phases` (stages per
+    rank) and the order (`_actions`); the placement defaults are one stage per rank."""
+
+    name: ClassVar[str]
+    phases: ClassVar[int] = 1
+    directions: ClassVar[int] = 1  # ends micro-batches enter at (DualPipe: both)
+    overlaps: ClassVar[bool] = False  # FB actions: a forward chunk overlapped with another micro-batch's backward
+
+    def __init__(self, pp: int) -> None:
+        if pp < 1:
+            raise ScheduleError(f"parallel.pp={pp}: a pipeline needs at least one rank")
+        self.pp = pp
+
+    def __repr__(self) -> str:
+        return f"{self.name} over {self.pp} pipeline ranks"
+
+    # ---- placement -----------------------------------------------------------------------------------------
+    @property
+    def n_stages(self) -> int:
+        """How many stages the model is split into."""
+        return self.pp
+
+    def stage_of(self, rank: int, phase: int) -> int:
+        """The stage (model order) that `rank` runs in `phase`."""
+        self._check_place(rank, phase)
+        return rank
+
+    def direction_of(self, microbatch: int, n_micro: int) -> int:
+        """0 for micro-batches that enter at rank 0 (all but DualPipe's second half)."""
+        return 0
+
+    def owner(self, stage: int, direction: int = 0) -> tuple[int, int]:
+        """(rank, phase) that runs `stage` for micro-batches of `direction` (the inverse of `stage_of`)."""
+        if not 0 <= stage < self.n_stages:
+            raise ValueError(f"stage {stage} does not exist in {self}")
+        return stage, 0
+
+    def placement(self) -> str:
+        """Where the stages sit, in words (hai-plan prints it)."""
+        return "one stage per rank"
+
+    def _check_place(self, rank: int, phase: int) -> None:
+        if not 0 <= rank < self.pp or not 0 <= phase < self.phases:
+            raise ValueError(f"rank {rank} phase {phase} does not exist in {self}")
+
+    # ---- data flow -----------------------------------------------------------------------------------------
+    def _owner_rank(self, stage: int, microbatch: int, n_micro: int) -> int:
+        return self.owner(stage, self.direction_of(microbatch, n_micro))[0]
+
+    def takes(self, rank: int, part: Action, n_micro: int) -> list[tuple[int, Tensor]]:
+        """What plain action `part` on `rank` consumes from another stage: [(producer rank, tensor)]; the
+        producer may be `rank` itself (DualPipeV's turn)."""
+        s, m = self.stage_of(rank, part.phase), part.microbatch
+        if part.kind == "F" and s > 0:
+            return [(self._owner_rank(s - 1, m, n_micro), ("activation", s, m))]
+        if part.kind == "B" and s < self.n_stages - 1:
+            return [(self._owner_rank(s + 1, m, n_micro), ("gradient", s, m))]
+        return []
+
+    def makes(self, rank: int, part: Action, n_micro: int) -> list[tuple[int, Tensor]]:
+        """What plain action `part` on `rank` produces for another stage: [(consumer rank, tensor)]."""
+        s, m = self.stage_of(rank, part.phase), part.microbatch
+        if part.kind == "F" and s < self.n_stages - 1:
+            return [(self._owner_rank(s + 1, m, n_micro), ("activation", s + 1, m))]
+        if part.kind == "B" and s > 0:
+            return [(self._owner_rank(s - 1, m, n_micro), ("gradient", s - 1, m))]
+        return []
+
+    # ---- micro-batches and actions -------------------------------------------------------------------------
+    def check_microbatches(self, n_micro: int) -> None:
+        """The schedule's rules on the micro-batches per step, as errors naming the config keys and the fix."""
+        if n_micro < 1:
+            raise ScheduleError(f"parallel.microbatches={n_micro}: a step needs at least one micro-batch")
+
+    def actions(self, rank: int, n_micro: int) -> list[Action]:
+        """The actions `rank` runs in one step of `n_micro` micro-batches (a pure function)."""
+        self.check_microbatches(n_micro)
+        if not 0 <= rank < self.pp:
+            raise ScheduleError(f"pipeline rank {rank} does not exist with parallel.pp={self.pp}")
+        return self._actions(rank, n_micro)
+
+    def forward_actions(self, rank: int, n_micro: int) -> list[Action]:
+        """Forward-only actions (evaluation): every micro-batch of each phase's direction, phase by phase. It
+        cannot deadlock: a rank's phase-0 forwards need only upstream phase-0 outputs, and its phase-1 forwards
+        only outputs that ranks produce after their own phase-0 forwards."""
+        if not 0 <= rank < self.pp:
+            raise ScheduleError(f"pipeline rank {rank} does not exist with parallel.pp={self.pp}")
+        return [Action("F", phase, m) for phase in range(self.phases) for m in range(n_micro)
+                if self._runs(phase, m, n_micro)]
+
+    def _runs(self, phase: int, microbatch: int, n_micro: int) -> bool:
+        """Whether micro-batch `microbatch` passes through the rank's `phase` (DualPipe: one direction each)."""
+        return True
+
+    def _actions(self, rank: int, n_micro: int) -> list[Action]:
+        raise NotImplementedError
+
+    def bubble(self, F: float, B: float, W: float, FB: float) -> float:  # noqa: N803 (Table 2's names)
+        """Table 2's bubble for chunk costs F, B (full backward), W (its weight part), FB (an overlapped pair);
+        simulate.py's docstring says when it is exact."""
+        raise NotImplementedError
+
+
+class OneFOneB(Schedule):
+    name = "1f1b"
+
+    def _actions(self, rank: int, n_micro: int) -> list[Action]:
+        return _one_f_one_b(self.pp, rank, n_micro, zero_bubble=False)
+
+    def bubble(self, F: float, B: float, W: float, FB: float) -> float:  # noqa: N803
+        return (self.pp - 1) * (F + B)
+
+
+class ZB1P(OneFOneB):
+    name = "zb1p"
+
+    def _actions(self, rank: int, n_micro: int) -> list[Action]:
+        return _one_f_one_b(self.pp, rank, n_micro, zero_bubble=True)
+
+    def bubble(self, F: float, B: float, W: float, FB: float) -> float:  # noqa: N803
+        return (self.pp - 1) * (F + B - 2 * W)
+
+
+class _Dual(Schedule):
+    """DualPipe and DualPipeV: two stages per rank, the 8 steps of the reference (`_dual`)."""
+
+    phases = 2
+    overlaps = True
+
+    def check_microbatches(self, n_micro: int) -> None:
+        super().check_microbatches(n_micro)
+        if n_micro < 2 * self.pp:
+            raise ScheduleError(f"parallel.microbatches={n_micro} is below 2 x pp = {2 * self.pp} "
+                                f"(parallel.pp={self.pp}), which parallel.schedule={self.name} needs to fill its "
+                                "steady phase; raise the micro-batch count or lower pp")
+
+    def _position(self, rank: int) -> tuple[int, int]:
+        """(half, pos): the reference's number of positions and this rank's."""
+        raise NotImplementedError
+
+    def _actions(self, rank: int, n_micro: int) -> list[Action]:
+        half, pos = self._position(rank)
+        return _dual(half, pos, self._swap(rank), self._first(n_micro), self._per_phase(n_micro))
+
+    def _swap(self, rank: int) -> bool:
+        return False
+
+    def _first(self, n_micro: int) -> tuple[int, int]:
+        return 0, 0
+
+    def _per_phase(self, n_micro: int) -> int:
+        return n_micro
+
+
+class DualPipe(_Dual):
+    name = "dualpipe"
+    directions = 2
+
+    def __init__(self, pp: int) -> None:
+        super().__init__(pp)
+        if pp % 2:
+            raise ScheduleError(f"parallel.schedule=dualpipe needs an even number of pipeline ranks, got "
+                                f"parallel.pp={pp}; use dualpipev or an even pp")
+
+    def stage_of(self, rank: int, phase: int) -> int:
+        self._check_place(rank, phase)
+        return rank if phase == 0 else self.pp - 1 - rank
+
+    def direction_of(self, microbatch: int, n_micro: int) -> int:
+        return int(microbatch >= n_micro // 2)
+
+    def owner(self, stage: int, direction: int = 0) -> tuple[int, int]:
+        super().owner(stage)
+        return (stage, 0) if direction == 0 else (self.pp - 1 - stage, 1)
+
+    def placement(self) -> str:
+        return f"rank r holds stages r and {self.pp - 1}-r: two copies of every stage"
+
+    def check_microbatches(self, n_micro: int) -> None:
+        if n_micro >= 1 and n_micro % 2:
             raise ScheduleError(f"parallel.schedule=dualpipe feeds half the micro-batches from each end, so "
-                                f"parallel.microbatches={num_microbatches} must be even")
-    if name in ("dualpipe", "dualpipev") and num_microbatches < 2 * num_ranks:
-        raise ScheduleError(f"parallel.microbatches={num_microbatches} is below 2 x pp = {2 * num_ranks} "
-                            f"(parallel.pp={num_ranks}), which parallel.schedule={name} needs to fill its steady "
-                            f"phase; raise the micro-batch count or lower pp")
+                                f"parallel.microbatches={n_micro} must be even")
+        super().check_microbatches(n_micro)
+
+    def _runs(self, phase: int, microbatch: int, n_micro: int) -> bool:
+        return self.direction_of(microbatch, n_micro) == phase
+
+    def _position(self, rank: int) -> tuple[int, int]:
+        return self.pp // 2, min(rank, self.pp - 1 - rank)
+
+    def _swap(self, rank: int) -> bool:
+        return rank >= self.pp // 2  # the reference's local phase 0 is the direction entering at the nearer end
+
+    def _first(self, n_micro: int) -> tuple[int, int]:
+        return 0, n_micro // 2
+
+    def _per_phase(self, n_micro: int) -> int:
+        return n_micro // 2
+
+    def bubble(self, F: float, B: float, W: float, FB: float) -> float:  # noqa: N803
+        return (self.pp / 2 - 1) * (FB + B - 3 * W)
+
+
+class DualPipeV(_Dual):
+    name = "dualpipev"
+
+    @property
+    def n_stages(self) -> int:
+        return 2 * self.pp
+
+    def stage_of(self, rank: int, phase: int) -> int:
+        self._check_place(rank, phase)
+        return rank if phase == 0 else 2 * self.pp - 1 - rank
+
+    def owner(self, stage: int, direction: int = 0) -> tuple[int, int]:
+        super().owner(stage)
+        return (stage, 0) if stage < self.pp else (2 * self.pp - 1 - stage, 1)
+
+    def placement(self) -> str:
+        return f"rank r holds stages r and {2 * self.pp - 1}-r"
+
+    def _position(self, rank: int) -> tuple[int, int]:
+        return self.pp, rank
+
+    def bubble(self, F: float, B: float, W: float, FB: float) -> float:  # noqa: N803
+        """The paper gives no formula. DualPipeV's lists over PP ranks are DualPipe's over 2 PP ranks with each
+        rank and its mirror merged into one ("cut in half"), so it has DualPipe's critical path over 2 PP stages:
+        (2PP/2 - 1)(F&B + B - 3W) in costs of one of its 2 PP stages. The DualPipe repository's table states the
+        same; the simulation matches it exactly."""
+        return (self.pp - 1) * (FB + B - 3 * W)
+
+
+class ForwardOnly(Schedule):
+    """Evaluation over a training schedule's placement: `actions` are the base schedule's `forward_actions`."""
+
+    name = "forward-only"
+
+    def __init__(self, base: Schedule) -> None:
+        super().__init__(base.pp)
+        self.base = base
+        self.phases = base.phases
+
+    def __repr__(self) -> str:
+        return f"{self.base.name} forward-only over {self.pp} pipeline ranks"
+
+    @property
+    def n_stages(self) -> int:
+        return self.base.n_stages
+
+    def stage_of(self, rank: int, phase: int) -> int:
+        return self.base.stage_of(rank, phase)
+
+    def direction_of(self, microbatch: int, n_micro: int) -> int:
+        return self.base.direction_of(microbatch, n_micro)
+
+    def owner(self, stage: int, direction: int = 0) -> tuple[int, int]:
+        return self.base.owner(stage, direction)
+
+    def placement(self) -> str:
+        return self.base.placement()
+
+    def _runs(self, phase: int, microbatch: int, n_micro: int) -> bool:
+        return self.base._runs(phase, microbatch, n_micro)
+
+    def _actions(self, rank: int, n_micro: int) -> list[Action]:
+        return self.base.forward_actions(rank, n_micro)
+
+
+SCHEDULE_TYPES: dict[str, type[Schedule]] = {cls.name: cls for cls in (OneFOneB, ZB1P, DualPipe, DualPipeV)}
+
+
+def make_schedule(name: str, pp: int) -> Schedule:
+    """The schedule `name` (parallel.schedule) over `pp` ranks (parallel.pp), validated: the one name check."""
+    try:
+        key = ScheduleName.parse(name, "parallel.schedule").value
+    except ConfigError as err:
+        raise ScheduleError(str(err)) from None
+    return SCHEDULE_TYPES[key](pp)
 
 
 def build_schedule(name: str, num_ranks: int, rank: int, num_microbatches: int) -> list[Action]:
-    """The actions `rank` runs in one step of `num_microbatches` micro-batches (a pure function)."""
-    check_schedule_args(name, num_ranks, num_microbatches)
-    if not 0 <= rank < num_ranks:
-        raise ScheduleError(f"pipeline rank {rank} does not exist with parallel.pp={num_ranks}")
-    if name in ("1f1b", "zb1p"):
-        return _one_f_one_b(num_ranks, rank, num_microbatches, zero_bubble=name == "zb1p")
-    return _dual(name, num_ranks, rank, num_microbatches)
-
-
-def build_forward_schedule(name: str, num_ranks: int, rank: int, num_microbatches: int) -> list[Action]:
-    """Forward-only actions (evaluation): every micro-batch through each of the rank's stages, phase by phase.
-    It cannot deadlock, because sends never block: a rank's phase-0 forwards need only upstream phase-0 outputs,
-    and its phase-1 forwards only outputs that ranks produce after their own phase-0 forwards."""
-    check_schedule_layout(name, num_ranks)
-    if not 0 <= rank < num_ranks:
-        raise ScheduleError(f"pipeline rank {rank} does not exist with parallel.pp={num_ranks}")
-    return [Action("F", phase, m) for phase in range(phases(name)) for m in range(num_microbatches)
-            if name != "dualpipe" or direction_of(name, m, num_microbatches) == phase]
+    """The actions `rank` runs in one step of `num_microbatches` micro-batches of schedule `name` over
+    `num_ranks` pipeline ranks."""
+    return make_schedule(name, num_ranks).actions(rank, num_microbatches)
 
 
 def _one_f_one_b(num_ranks: int, rank: int, n: int, zero_bubble: bool) -> list[Action]:
@@ -96,15 +348,13 @@ def _one_f_one_b(num_ranks: int, rank: int, n: int, zero_bubble: bool) -> list[A
 
 
 class _DualBuilder:
-    """Appends DualPipe(V) steps for one rank, in the reference's local phases: under DualPipe local phase 0 is
-    the direction that enters at the rank's nearer end (our phase 0 on the first half of the ranks, phase 1 on the
-    second); under DualPipeV it is our phase 0. Micro-batches run in order within each phase; W's run deferred
-    B's in the order they were deferred."""
+    """Appends DualPipe(V) steps for one rank, in the reference's local phases: local phase 0 is our phase 0
+    unless `swap` (DualPipe's second half of the ranks, whose nearer end feeds our phase 1). `first[p]`: the first
+    micro-batch of our phase p. Micro-batches run in order within each phase; W's run deferred B's in the order
+    they were deferred."""
 
-    def __init__(self, name: str, num_ranks: int, rank: int, n: int) -> None:
-        self.swap = name == "dualpipe" and rank >= num_ranks // 2
-        per_phase = n // 2 if name == "dualpipe" else n
-        self.first = [0, per_phase] if name == "dualpipe" else [0, 0]  # first micro-batch of our phase 0, 1
+    def __init__(self, swap: bool, first: tuple[int, int]) -> None:
+        self.swap, self.first = swap, first
         self.next_f, self.next_b = [0, 0], [0, 0]
         self.deferred: deque[tuple[int, int]] = deque()
         self.actions: list[Action] = []
@@ -135,13 +385,11 @@ class _DualBuilder:
         self.actions.append(Action("FB", forward=self._f(local_f), backward=self._b(local_b)))
 
 
-def _dual(name: str, num_ranks: int, rank: int, n: int) -> list[Action]:
+def _dual(half: int, pos: int, swap: bool, first: tuple[int, int], per_phase: int) -> list[Action]:
     """DualPipe / DualPipeV in the 8 steps of deepseek-ai/DualPipe (paper Figure 5). DualPipe pairs ranks r and
     R-1-r (pos = min(r, R-1-r) among half = R/2 positions, each end fed n/2 micro-batches); DualPipeV folds the
     pipeline into a V (pos = r among half = R, all n micro-batches enter at rank 0)."""
-    half, pos = (num_ranks // 2, min(rank, num_ranks - 1 - rank)) if name == "dualpipe" else (num_ranks, rank)
-    per_phase = n // 2 if name == "dualpipe" else n
-    s = _DualBuilder(name, num_ranks, rank, n)
+    s = _DualBuilder(swap, first)
     outer = half - pos - 1  # warm-up and cool-down steps that grow towards the ends of the pipeline
     for _ in range(2 * outer):  # 1: forwards of the near direction
         s.f(0)
@@ -176,181 +424,3 @@ def _dual(name: str, num_ranks: int, rank: int, n: int) -> list[Action]:
     for _ in range(pos + 1):  # 8: the W's left
         s.w()
     return s.actions
-
-
-def peak_activations(actions: list[Action]) -> int:
-    """Most chunks alive at once on one rank: a (phase, micro-batch) is alive from its F until its B (input
-    gradient). The unit is one stage's activations for one micro-batch; an FB's forward counts before its
-    backward frees."""
-    live: set[tuple[int, int]] = set()
-    peak = 0
-    for action in actions:
-        for part in action.parts():
-            if part.kind == "F":
-                live.add((part.phase, part.microbatch))
-                peak = max(peak, len(live))
-            elif part.kind == "B":
-                live.discard((part.phase, part.microbatch))
-    return peak
-
-
-# ---- the data flow: what each action needs, and who produces it --------------------------------------------------
-Key = tuple[str, int, int]  # (kind, stage, micro-batch) of a finished part
-
-
-def _stage(name: str, num_ranks: int, rank: int, part: Action) -> int:
-    return stage_of(name, num_ranks, rank, part.phase)
-
-
-def _needs(name: str, num_ranks: int, rank: int, part: Action) -> list[Key]:
-    """What must have finished before `part` can run on `rank` (action.py's data flow)."""
-    s, m = _stage(name, num_ranks, rank, part), part.microbatch
-    if part.kind == "F":
-        return [("F", s - 1, m)] if s > 0 else []
-    if part.kind == "B":
-        return [("F", s, m)] + ([("B", s + 1, m)] if s < num_stages(name, num_ranks) - 1 else [])
-    return [("B", s, m)]
-
-
-def _owner_rank(name: str, num_ranks: int, num_microbatches: int, stage: int, microbatch: int) -> int:
-    return owner(name, num_ranks, stage, direction_of(name, microbatch, num_microbatches))[0]
-
-
-def _links(name: str, num_ranks: int, num_microbatches: int, rank: int, part: Action) -> tuple[list, list]:
-    """The tensors `part` receives over links ([(producer rank, tensor)]) and sends ([(consumer rank, tensor)]);
-    a tensor is (what, stage that consumes it, micro-batch). Hand-overs on the same rank are not links."""
-    s, m, last = _stage(name, num_ranks, rank, part), part.microbatch, num_stages(name, num_ranks) - 1
-    recv, send = [], []
-    if part.kind == "F":
-        if s > 0:
-            recv.append((_owner_rank(name, num_ranks, num_microbatches, s - 1, m), ("activation", s, m)))
-        if s < last:
-            send.append((_owner_rank(name, num_ranks, num_microbatches, s + 1, m), ("activation", s + 1, m)))
-    elif part.kind == "B":
-        if s < last:
-            recv.append((_owner_rank(name, num_ranks, num_microbatches, s + 1, m), ("gradient", s, m)))
-        if s > 0:
-            send.append((_owner_rank(name, num_ranks, num_microbatches, s - 1, m), ("gradient", s - 1, m)))
-    return [x for x in recv if x[0] != rank], [x for x in send if x[0] != rank]
-
-
-def replay(name: str, num_ranks: int, num_microbatches: int, schedules: list[list[Action]],
-           duration: Callable[[int, Action], float], p2p: float = 0.0) -> list[list[Event]]:
-    """Run every rank's list in order, each action as soon as its rank is free and its inputs exist (plus `p2p`
-    for an input made on another rank); returns per-rank (start, end, action). Raises ScheduleError naming each
-    blocked rank's next action and what it waits for when no rank can go on (a deadlock)."""
-    done: dict[Key, tuple[int, float]] = {}  # finished part -> (rank, end time)
-    clock = [0.0] * num_ranks
-    nxt = [0] * num_ranks
-    events: list[list[Event]] = [[] for _ in range(num_ranks)]
-    progress = True
-    while progress:
-        progress = False
-        for r, actions in enumerate(schedules):
-            while nxt[r] < len(actions):
-                action = actions[nxt[r]]
-                needs = [k for part in action.parts() for k in _needs(name, num_ranks, r, part)]
-                if any(k not in done for k in needs):
-                    break
-                start = max([clock[r]] + [done[k][1] + (p2p if done[k][0] != r else 0.0) for k in needs])
-                clock[r] = end = start + duration(r, action)
-                for part in action.parts():
-                    done[(part.kind, _stage(name, num_ranks, r, part), part.microbatch)] = (r, end)
-                events[r].append((start, end, action))
-                nxt[r] += 1
-                progress = True
-    blocked = []
-    for r, actions in enumerate(schedules):
-        if nxt[r] < len(actions):
-            action = actions[nxt[r]]
-            missing = [k for part in action.parts() for k in _needs(name, num_ranks, r, part) if k not in done]
-            what = ", ".join(f"{k[0]} of stage {k[1]} micro-batch {k[2]} (rank "
-                             f"{_owner_rank(name, num_ranks, num_microbatches, k[1], k[2])})" for k in missing)
-            blocked.append(f"rank {r} at action {nxt[r]} {action} waits for {what}")
-    if blocked:
-        raise ScheduleError(f"{name} over {num_ranks} ranks, {num_microbatches} micro-batches deadlocks: "
-                            + "; ".join(blocked))
-    return events
-
-
-def validate_schedule(name: str, num_ranks: int, num_microbatches: int,
-                      schedules: list[list[Action]] | None = None, *, tags: bool = True) -> None:
-    """Raise ScheduleError (naming the rank, the action and the reason) unless `schedules` (default: the built
-    ones) give every owned (stage, micro-batch) exactly one F, one B and one W iff its B deferred it, in the
-    order F, B, W on the owning rank; run without deadlock; and send on every link in the order the receiving
-    rank consumes, per kind of tensor (activations, gradients) or, with `tags=False`, both kinds in one FIFO."""
-    check_schedule_args(name, num_ranks, num_microbatches)
-    if schedules is None:
-        schedules = [build_schedule(name, num_ranks, r, num_microbatches) for r in range(num_ranks)]
-    if len(schedules) != num_ranks:
-        raise ScheduleError(f"{name}: {len(schedules)} action lists for {num_ranks} ranks")
-    for r, actions in enumerate(schedules):
-        _check_rank(name, num_ranks, num_microbatches, r, actions)
-    _check_links(name, num_ranks, num_microbatches, schedules, tags)
-    replay(name, num_ranks, num_microbatches, schedules, lambda r, a: 1.0)
-
-
-def _check_rank(name: str, num_ranks: int, num_microbatches: int, rank: int, actions: list[Action]) -> None:
-    def fail(i: int, action: Action, reason: str) -> None:
-        raise ScheduleError(f"{name} rank {rank}, action {i} {action}: {reason}")
-
-    owned = {(p, m) for p in range(phases(name)) for m in range(num_microbatches)
-             if owner(name, num_ranks, stage_of(name, num_ranks, rank, p),
-                      direction_of(name, m, num_microbatches)) == (rank, p)}
-    seen: dict[tuple[str, int, int], int] = {}  # (kind, phase, micro-batch) -> index of its action
-    deferred = set()
-    for i, action in enumerate(actions):
-        for part in action.parts():
-            key = (part.phase, part.microbatch)
-            if key not in owned:
-                where = (f"phase {part.phase} (stage {stage_of(name, num_ranks, rank, part.phase)})"
-                         if part.phase < phases(name) else f"phase {part.phase} ({name} has {phases(name)})")
-                fail(i, action, f"micro-batch {part.microbatch} does not run {where} on this rank")
-            if (part.kind, *key) in seen:
-                fail(i, action, f"a second {part.kind} of phase {key[0]} micro-batch {key[1]}")
-            before = {"F": None, "B": "F", "W": "B"}[part.kind]
-            if before and seen.get((before, *key), i) >= i:
-                fail(i, action, f"{part.kind} of phase {key[0]} micro-batch {key[1]} does not follow its {before}")
-            if part.kind == "W" and key not in deferred:
-                fail(i, action, f"W of phase {key[0]} micro-batch {key[1]} but its B did not defer the weight "
-                                "gradients (defer_w)")
-            if part.defer_w:
-                deferred.add(key)
-            seen[(part.kind, *key)] = i
-    counts = Counter(kind for kind, *_ in seen)
-    for kind in ("F", "B"):
-        for p, m in sorted(owned):
-            if (kind, p, m) not in seen:
-                raise ScheduleError(f"{name} rank {rank}: no {kind} for phase {p} micro-batch {m} "
-                                    f"({counts[kind]} of {len(owned)} present)")
-    for p, m in sorted(deferred):
-        if ("W", p, m) not in seen:
-            raise ScheduleError(f"{name} rank {rank}: B{p}.{m} deferred its weight gradients but no W runs them")
-
-
-def _check_links(name: str, num_ranks: int, num_microbatches: int, schedules: list[list[Action]],
-                 tags: bool) -> None:
-    sent: dict[tuple, list] = {}  # link -> tensors in the producer's order
-    received: dict[tuple, list] = {}  # link -> (tensor, consumer's action index, action) in the consumer's order
-    for r, actions in enumerate(schedules):
-        for i, action in enumerate(actions):
-            for part in action.parts():
-                recv, send = _links(name, num_ranks, num_microbatches, r, part)
-                for src, tensor in recv:
-                    received.setdefault((src, r, tensor[0] if tags else ""), []).append((tensor, i, action))
-                for dst, tensor in send:
-                    sent.setdefault((r, dst, tensor[0] if tags else ""), []).append(tensor)
-    for link in sorted(set(sent) | set(received)):
-        src, dst, tag = link
-        out, into = sent.get(link, []), received.get(link, [])
-        where = f"link rank {src} -> rank {dst}" + (f" ({tag}s)" if tags else "")
-        for j, (a, (b, i, action)) in enumerate(zip(out, into)):
-            if a != b:
-                raise ScheduleError(f"{name}: {where} is not FIFO: tensor {j} sent is the {_tensor(a)}, but rank "
-                                    f"{dst} at action {i} {action} expects the {_tensor(b)}")
-        if len(out) != len(into):
-            raise ScheduleError(f"{name}: {where} carries {len(out)} tensors but rank {dst} receives {len(into)}")
-
-
-def _tensor(t: tuple[str, int, int]) -> str:
-    return f"{t[0]} into stage {t[1]} of micro-batch {t[2]}"

@@ -2,7 +2,7 @@
 the bubble formulas of Table 2, and two views of a timeline, a Chrome/Perfetto trace and a PNG drawn like the
 paper's Figure 5. The executor's measured runs give the same `Timeline`s, so the three compare directly.
 
-The simulation is `schedule.replay`, the validator's data-flow rules with durations: every rank runs its list in
+The simulation is `validate.replay`, the validator's data-flow rules with durations: every rank runs its list in
 order, each action as soon as its rank is free and its inputs exist, plus `p2p` for an input from another rank.
 
 Table 2 against the simulation, with uniform costs (B the full backward, W its weight part, B - W the backward
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parallel.pipeline.action import Action
-from parallel.pipeline.schedule import Event, ScheduleError, build_schedule, replay, validate_schedule
+from parallel.pipeline.schedule import Schedule
+from parallel.pipeline.validate import Event, replay, validate_schedule
 
 
 @dataclass
@@ -86,36 +87,22 @@ class Timeline:
         return [self.bubble(r) for r in range(self.num_ranks)]
 
 
-def simulate(name: str, num_ranks: int, num_microbatches: int, costs: Costs | Callable[[int, Action], float],
-             schedules: list[list[Action]] | None = None, *, p2p: float | None = None) -> Timeline:
-    """The timeline of `schedules` (default: the built ones), validated first. `costs` is a `Costs` or a function
+def simulate(schedule: Schedule, n_micro: int, costs: Costs | Callable[[int, Action], float],
+             lists: list[list[Action]] | None = None, *, p2p: float | None = None) -> Timeline:
+    """The timeline of `lists` (default: the schedule's own), validated first. `costs` is a `Costs` or a function
     (rank, action) -> duration, given plain actions and whole FB pairs. `p2p` overrides the link latency
     (default: `costs.p2p`, or 0 for a function)."""
-    if schedules is None:
-        schedules = [build_schedule(name, num_ranks, r, num_microbatches) for r in range(num_ranks)]
-    validate_schedule(name, num_ranks, num_microbatches, schedules)
+    if lists is None:
+        lists = [schedule.actions(r, n_micro) for r in range(schedule.pp)]
+    validate_schedule(schedule, n_micro, lists)
     if p2p is None:
         p2p = costs.p2p if isinstance(costs, Costs) else 0.0
-    return Timeline(replay(name, num_ranks, num_microbatches, schedules, costs, p2p), name)
+    return Timeline(replay(schedule, n_micro, lists, costs, p2p), schedule.name)
 
 
-def formula_bubble(name: str, num_ranks: int, costs: Costs) -> float:
-    """Table 2's bubble for `num_ranks` pipeline ranks (PP); the module docstring says when it is exact.
-
-    DualPipeV: the paper gives no formula. Its per-rank lists over PP ranks are DualPipe's over 2 PP ranks with
-    each rank and its mirror merged into one ("cut in half": position r of PP instead of min(r, 2PP-1-r) of PP),
-    so it has DualPipe's critical path over 2 PP stages: (2PP/2-1)(F&B+B-3W), costs being those of one of its
-    2 PP stages. The DualPipe repository's table states the same; the simulation matches it exactly."""
-    f, b, w, fb = costs.F, costs.B, costs.W, costs.overlapped
-    if name == "1f1b":
-        return (num_ranks - 1) * (f + b)
-    if name == "zb1p":
-        return (num_ranks - 1) * (f + b - 2 * w)
-    if name == "dualpipe":
-        return (num_ranks / 2 - 1) * (fb + b - 3 * w)
-    if name == "dualpipev":
-        return (num_ranks - 1) * (fb + b - 3 * w)
-    raise ScheduleError(f"parallel.schedule={name!r} has no bubble formula; choose 1f1b, zb1p, dualpipe or dualpipev")
+def formula_bubble(schedule: Schedule, costs: Costs) -> float:
+    """Table 2's bubble of `schedule` for `costs` (`Schedule.bubble`); the module docstring says when it is exact."""
+    return schedule.bubble(costs.F, costs.B, costs.W, costs.overlapped)
 
 
 def _args(action: Action) -> dict:

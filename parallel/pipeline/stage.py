@@ -32,7 +32,7 @@ from core.config import ConfigError
 from model.block import run_steps
 from model.grads import grad_of
 from model.transformer import LossOutput, Transformer
-from parallel.pipeline.action import num_stages, phases, stage_of
+from parallel.pipeline.schedule import Schedule
 
 
 def split_layers(n_layers: int, n_stages: int, stage_layers: list[int] | None = None) -> list[range]:
@@ -73,14 +73,14 @@ class StageSpec:
         return self.index == self.n_stages - 1
 
 
-def rank_stages(schedule: str, pp: int, pp_rank: int, n_layers: int,
+def rank_stages(schedule: Schedule, pp_rank: int, n_layers: int,
                 stage_layers: list[int] | None = None) -> list[StageSpec]:
     """The stages `pp_rank` runs, by phase (one, or two for dualpipe and dualpipev)."""
-    n = num_stages(schedule, pp)
+    n = schedule.n_stages
     blocks = split_layers(n_layers, n, stage_layers)
     specs = []
-    for phase in range(phases(schedule)):
-        s = stage_of(schedule, pp, pp_rank, phase)
+    for phase in range(schedule.phases):
+        s = schedule.stage_of(pp_rank, phase)
         specs.append(StageSpec(s, n, blocks[s]))
     return specs
 
@@ -123,13 +123,12 @@ def stage_forward(model: Transformer, spec: StageSpec, x: torch.Tensor | None, b
     return run_steps(stage_steps(model, spec, x, batch, mtp_lambda, output))
 
 
-def holders(schedule: str, pp: int, n_layers: int, stage_layers: list[int] | None, mtp: bool,
-            ) -> dict[str, list[int]]:
+def holders(schedule: Schedule, n_layers: int, stage_layers: list[int] | None, mtp: bool) -> dict[str, list[int]]:
     """Which pipeline ranks hold each part ("embed", "head" for norm/head/MTP, "layers.<i>"): the sets of ranks
     whose gradients must be summed."""
     out: dict[str, list[int]] = {}
-    for r in range(pp):
-        specs = rank_stages(schedule, pp, r, n_layers, stage_layers)
+    for r in range(schedule.pp):
+        specs = rank_stages(schedule, r, n_layers, stage_layers)
         parts = [f"layers.{i}" for spec in specs for i in spec.layers]
         if any(spec.first for spec in specs) or (mtp and any(spec.last for spec in specs)):
             parts.append("embed")

@@ -183,6 +183,40 @@ def test_dispatcher_matches_single_process_moe() -> None:
     run_distributed(_reference_spawn, 4)
 
 
+def _second_communicator_spawn(rank: int, world: int) -> None:
+    """The backward's exchanges run on `bwd_group` (the grid's ep_bwd), every forward exchange on the EP group,
+    with bitwise the results of one group for both."""
+    bwd = dist.new_group([0, 1, 2, 3])
+    h_all, idx_all, w_all, g_all = _scenario([24, 8, 40, 17], (), 4, 5)
+    lo, hi = sum([24, 8, 40, 17][:rank]), sum([24, 8, 40, 17][:rank + 1])
+    full = _reference(h_all, idx_all, w_all, g_all)[3]
+    args = (h_all[lo:hi], idx_all[lo:hi], w_all[lo:hi], g_all[lo:hi], full)
+    original = dist.all_to_all_single
+    for hierarchical in (False, True):
+        one = _run_ep(ExpertParallelDispatcher(dist.group.WORLD, E, 2, hierarchical), *args)
+        used = []
+
+        def spy(*a, group=None, **k):
+            used.append("bwd" if group is bwd else "fwd" if group is dist.group.WORLD else group)
+            return original(*a, group=group, **k)
+
+        dist.all_to_all_single = spy
+        try:
+            two = _run_ep(ExpertParallelDispatcher(dist.group.WORLD, E, 2, hierarchical, bwd_group=bwd), *args)
+        finally:
+            dist.all_to_all_single = original
+        n_fwd = used.count("fwd")
+        assert n_fwd > 0 and used.count("bwd") > 0 and used == ["fwd"] * n_fwd + ["bwd"] * (len(used) - n_fwd), used
+        for key in ("out", "h_grad", "w_grad", "rows"):
+            assert torch.equal(one[key], two[key]), key
+        for name, grad in one["expert_grads"].items():
+            assert torch.equal(grad, two["expert_grads"][name]), name
+
+
+def test_the_backward_exchanges_run_on_the_second_communicator() -> None:
+    run_distributed(_second_communicator_spawn, 4)
+
+
 class TwoTensorPayload:
     """Lossless two-tensor payload hook: the bf16 rounding as a uint8 view plus the fp32 remainder."""
 

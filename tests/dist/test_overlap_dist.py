@@ -24,14 +24,14 @@ def _step(rank: int, overlap: bool):
     from parallel.grid import ProcessGrid
     from parallel.parallelize import apply_expert_parallel
     from parallel.pipeline.executor import PipelineExecutor, StageRunner
-    from parallel.pipeline.schedule import build_schedule
+    from parallel.pipeline.schedule import make_schedule
     from parallel.pipeline.stage import MicroBatch, keep_stages, rank_stages, stage_steps
 
     pp_rank, ep_rank = divmod(rank, EP)  # ranks 0 1 run pipeline position 0, ranks 2 3 position 1
     pp_ranks = [p * EP + ep_rank for p in range(PP)]
     cfg = small_config(n_layers=4, first_k_dense=1)
     torch.manual_seed(0)
-    specs = rank_stages("dualpipe", PP, pp_rank, cfg.n_layers)
+    specs = rank_stages(make_schedule("dualpipe", PP), pp_rank, cfg.n_layers)
     model = keep_stages(Transformer(cfg), specs)
     fabric = Fabric(intra_gbps=0.05, inter_gbps=0.02, latency_us=200)  # ~1 ms per exchange
     layout = ParallelConfig(pp=PP, ep=EP, gpus_per_node=1, schedule="dualpipe", fabric=fabric)
@@ -59,9 +59,10 @@ def _step(rank: int, overlap: bool):
         dispatchers = [model.layers[str(i)].ffn.dispatcher for i in spec.layers
                        if isinstance(model.layers[str(i)].ffn, MoE)]
         runners.append(StageRunner(spec, lambda x, m, run=run: run_steps(run(x, m)), stores, run, dispatchers))
-    executor = PipelineExecutor("dualpipe", PP, pp_rank, pp_ranks, runners, (BATCH, SEQ, cfg.dim), torch.float32,
-                                overlap=overlap)
-    stats = executor.run(build_schedule("dualpipe", PP, pp_rank, N_MICRO), N_MICRO)
+    assert grid.pp_ranks == pp_ranks
+    executor = PipelineExecutor(grid.schedule, pp_rank, pp_ranks, runners, (BATCH, SEQ, cfg.dim), torch.float32,
+                                channels=grid.channels, overlap=overlap)
+    stats = executor.run(grid.schedule.actions(pp_rank, N_MICRO), N_MICRO)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     counts = [m.gate.tokens_per_expert.clone() for m in moes]
     return stats, losses, grads, counts

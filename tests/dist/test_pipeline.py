@@ -38,14 +38,15 @@ def _modules_with_store(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _pipeline_worker(rank: int, world: int, schedule: str) -> None:
     from model import Transformer
-    from parallel.pipeline.action import num_stages
     from parallel.pipeline.executor import PipelineExecutor, StageRunner
-    from parallel.pipeline.schedule import build_schedule
+    from parallel.pipeline.p2p import new_channel_groups
+    from parallel.pipeline.schedule import build_schedule, make_schedule
     from parallel.pipeline.stage import MicroBatch, holders, keep_stages, rank_stages, stage_forward, \
         sync_replicated_grads
 
     pp, n_micro, mtp_lambda = world, 2 * world, 0.3
-    cfg = small_config(n_layers=num_stages(schedule, pp) + 1, first_k_dense=1)
+    plan = make_schedule(schedule, pp)
+    cfg = small_config(n_layers=plan.n_stages + 1, first_k_dense=1)
     batches = _batches(n_micro, cfg.vocab_size)
 
     torch.manual_seed(0)
@@ -57,7 +58,7 @@ def _pipeline_worker(rank: int, world: int, schedule: str) -> None:
         ref_losses.append(out.main.item())
 
     torch.manual_seed(0)
-    specs = rank_stages(schedule, pp, rank, cfg.n_layers)
+    specs = rank_stages(plan, rank, cfg.n_layers)
     model = keep_stages(Transformer(cfg), specs)
     losses: dict[int, float] = {}
 
@@ -72,11 +73,13 @@ def _pipeline_worker(rank: int, world: int, schedule: str) -> None:
         return run
 
     runners = [StageRunner(spec, forward_fn(spec), _modules_with_store(model)) for spec in specs]
-    executor = PipelineExecutor(schedule, pp, rank, list(range(world)), runners, (BATCH, SEQ, cfg.dim), torch.float32)
+    channels = new_channel_groups(plan, [list(range(world))], rank, None)
+    executor = PipelineExecutor(plan, rank, list(range(world)), runners, (BATCH, SEQ, cfg.dim), torch.float32,
+                                channels=channels)
     stats = executor.run(build_schedule(schedule, pp, rank, n_micro), n_micro)
     assert 0 < stats.busy <= stats.total and len(stats.events) == len(build_schedule(schedule, pp, rank, n_micro))
 
-    holder_of = holders(schedule, pp, cfg.n_layers, None, mtp=cfg.n_mtp_depth > 0)
+    holder_of = holders(plan, cfg.n_layers, None, mtp=cfg.n_mtp_depth > 0)
     sets = sorted({tuple(r) for r in holder_of.values() if len(r) > 1})
     groups = {s: dist.new_group(list(s)) for s in sets}  # every rank creates every group, in one order
     sync_replicated_grads(model, groups, holder_of)
@@ -114,7 +117,8 @@ def _bf16_mirror_worker(rank: int, world: int) -> None:
     hold the same fp32 gradient (the sums must read `main_grad`, where bf16 parameters keep theirs)."""
     from model import Transformer
     from parallel.pipeline.executor import PipelineExecutor, StageRunner
-    from parallel.pipeline.schedule import build_schedule
+    from parallel.pipeline.p2p import new_channel_groups
+    from parallel.pipeline.schedule import make_schedule
     from parallel.pipeline.stage import MicroBatch, holders, keep_stages, rank_stages, stage_forward, \
         sync_replicated_grads
     from model.grads import attach_main_grads
@@ -123,7 +127,8 @@ def _bf16_mirror_worker(rank: int, world: int) -> None:
     cfg = small_config(n_layers=3, first_k_dense=1)
     batches = _batches(n_micro, cfg.vocab_size)
     torch.manual_seed(0)
-    specs = rank_stages("dualpipe", pp, rank, cfg.n_layers)
+    plan = make_schedule("dualpipe", pp)
+    specs = rank_stages(plan, rank, cfg.n_layers)
     model = keep_stages(Transformer(cfg), specs).to(torch.bfloat16)
     attach_main_grads(model.parameters())
 
@@ -134,12 +139,12 @@ def _bf16_mirror_worker(rank: int, world: int) -> None:
         return run
 
     runners = [StageRunner(spec, forward_fn(spec), _modules_with_store(model)) for spec in specs]
-    executor = PipelineExecutor("dualpipe", pp, rank, list(range(world)), runners, (BATCH, SEQ, cfg.dim),
-                                torch.bfloat16)
-    actions = build_schedule("dualpipe", pp, rank, n_micro)
+    executor = PipelineExecutor(plan, rank, list(range(world)), runners, (BATCH, SEQ, cfg.dim), torch.bfloat16,
+                                channels=new_channel_groups(plan, [list(range(world))], rank, None))
+    actions = plan.actions(rank, n_micro)
     assert any(a.kind == "W" or (a.backward is not None and a.backward.defer_w) or a.defer_w for a in actions)
     executor.run(actions, n_micro)
-    holder_of = holders("dualpipe", pp, cfg.n_layers, None, mtp=cfg.n_mtp_depth > 0)
+    holder_of = holders(plan, cfg.n_layers, None, mtp=cfg.n_mtp_depth > 0)
     sets = sorted({tuple(r) for r in holder_of.values() if len(r) > 1})
     sync_replicated_grads(model, {s: dist.new_group(list(s)) for s in sets}, holder_of)
     assert all(p.grad is None for p in model.parameters())

@@ -47,6 +47,10 @@ def main(out_dir: Path, device: str = "cuda") -> dict:
     dist.init_process_group(BACKENDS[device], rank=0, world_size=1)
     grid = ProcessGrid.build(ParallelConfig(gpus_per_node=1), device)
     dev, checked = grid.device, {}
+    if device == "cuda":  # parallel.a2a_sms reached NCCL on both EP communicators
+        caps = [g._get_backend(dev).options.config.max_ctas for g in (grid.ep_group, grid.ep_bwd_group)]
+        assert caps == [20, 20], caps
+        checked["a2a_max_ctas"] = caps
 
     # the expert dispatcher against the experts applied where the tokens are
     torch.manual_seed(0)
@@ -61,7 +65,8 @@ def main(out_dir: Path, device: str = "cuda") -> dict:
     for hierarchical in (False, True):
         for payload in (None, FP8Payload()):
             disp = ExpertParallelDispatcher(grid.ep_group, cfg.n_routed_experts, gpus_per_node=1,
-                                            hierarchical=hierarchical, payload=payload, device=dev)
+                                            hierarchical=hierarchical, payload=payload, device=dev,
+                                            bwd_group=grid.ep_bwd_group)
             hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
             got = disp.dispatch(hx, idx, wx)
             y = experts(got.rows, got.expert_ids, got.weights, got.packed, got.expert_counts)

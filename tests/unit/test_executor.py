@@ -9,7 +9,7 @@ import torch
 
 from model import Transformer
 from parallel.pipeline.executor import PipelineExecutor, StageRunner
-from parallel.pipeline.schedule import build_schedule
+from parallel.pipeline.schedule import build_schedule, make_schedule
 from parallel.pipeline.stage import MicroBatch, keep_stages, rank_stages, stage_forward
 from tests.conftest import small_config
 
@@ -19,7 +19,7 @@ def _setup(batches, shapes_ok=True):
     torch.manual_seed(0)
     ref = Transformer(cfg)
     torch.manual_seed(0)
-    specs = rank_stages("dualpipev", 1, 0, cfg.n_layers)
+    specs = rank_stages(make_schedule("dualpipev", 1), 0, cfg.n_layers)
     model = keep_stages(Transformer(cfg), specs)
     n = len(batches)
 
@@ -36,7 +36,7 @@ def _setup(batches, shapes_ok=True):
     sent = []
     runners = [StageRunner(spec, forward(spec), stores) for spec in specs]
     shape = (*batches[0][0].shape, cfg.dim)
-    return ref, model, PipelineExecutor("dualpipev", 1, 0, [0], runners, shape, torch.float32), sent
+    return ref, model, PipelineExecutor(make_schedule("dualpipev", 1), 0, [0], runners, shape, torch.float32), sent
 
 
 def test_one_rank_dualpipev_equals_autograd():

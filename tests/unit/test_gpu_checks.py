@@ -66,3 +66,23 @@ def test_hopper_recipe_without_a_hopper_gpu_names_what_it_found():
         with pytest.raises(ConfigError, match=r"a Hopper GPU \(sm90 or newer\); this one is sm80 \(NVIDIA A100"):
             preflight(cfg)
     preflight(load_config(compose_config(["fp8=emulate"])))  # the reference GEMM runs anywhere
+
+
+def test_the_all_to_all_sm_cap_reaches_nccl_on_the_ep_groups_only_on_cuda():
+    """parallel.a2a_sms becomes ProcessGroupNCCL.Options().config.max_ctas for the EP groups (paper 3.2.2: 20 SMs
+    for communication); nothing on the CPU or with null; a cap below 1 is refused naming the key."""
+    import torch.distributed as dist
+
+    from parallel.grid import nccl_options
+
+    class Options:
+        def __init__(self):
+            self.config = type("Config", (), {"max_ctas": -1})()
+
+    with mock.patch.object(dist, "ProcessGroupNCCL", type("PG", (), {"Options": Options}), create=True):
+        assert nccl_options(20, "cuda").config.max_ctas == 20
+        assert nccl_options(None, "cuda") is None
+        assert nccl_options(20, "cpu") is None
+    assert ParallelConfig().a2a_sms == 20
+    with pytest.raises(ConfigError, match=r"parallel.a2a_sms=0: must be >= 1"):
+        ParallelConfig(a2a_sms=0).validate(1)

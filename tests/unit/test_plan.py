@@ -12,7 +12,8 @@ from launch import cost
 from launch.plan import DEFAULT_CLUSTER, build_plan, load_cluster, load_config, main
 from model import count_params
 from parallel.config import ParallelConfig
-from parallel.pipeline.schedule import build_schedule, peak_activations
+from parallel.pipeline.schedule import build_schedule
+from parallel.pipeline.validate import peak_activations
 
 SMALL_CLUSTER = cost.Cluster(gpus=16, gpus_per_node=8, gpu_memory_gb=80, reserved_gb=4, peak_tflops_bf16=989,
                              peak_tflops_fp8=1979, nvlink_gbps=160, ib_gbps=50, mfu=0.35)

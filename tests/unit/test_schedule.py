@@ -1,4 +1,4 @@
-"""Pipeline schedules as data (parallel/pipeline/schedule.py): every schedule validates, runs each owned
+"""Pipeline schedules as objects (parallel/pipeline/schedule.py, validate.py): every schedule validates, runs each owned
 (stage, micro-batch) once with the counts and peak activations the paper and the reference give, and the
 validator catches broken lists (missing or misordered actions, links out of FIFO order, deadlocks, bad configs)."""
 
@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.pipeline.action import direction_of, phases
-from parallel.pipeline.schedule import (
-    Action,
-    ScheduleError,
-    build_schedule,
-    check_schedule_args,
-    peak_activations,
-    validate_schedule,
-)
+from parallel.pipeline.action import Action
+from parallel.pipeline.schedule import ForwardOnly, ScheduleError, build_schedule, make_schedule
+from parallel.pipeline.validate import peak_activations
+from parallel.pipeline.validate import validate_schedule as _validate
+
+
+def validate_schedule(name: str, ranks: int, n: int, lists=None, **kwargs) -> None:
+    _validate(make_schedule(name, ranks), n, lists, **kwargs)
+
+
+def check_schedule_args(name: str, ranks: int, n: int) -> None:
+    make_schedule(name, ranks).check_microbatches(n)
 
 CONFIGS = (
     [("1f1b", r, c) for r, c in [(1, 1), (1, 4), (2, 4), (3, 7), (4, 8), (4, 12), (8, 16), (4, 2), (8, 3)]]
@@ -46,11 +49,11 @@ def test_schedule_is_valid(name, ranks, n):
 def test_counts_match_stage_ownership(name, ranks, n):
     for rank, actions in enumerate(schedules(name, ranks, n)):
         parts = plain(actions)
-        for phase in range(phases(name)):
+        for phase in range(make_schedule(name, ranks).phases):
             fs = [p.microbatch for p in parts if p.kind == "F" and p.phase == phase]
             bs = [p.microbatch for p in parts if p.kind == "B" and p.phase == phase]
             if name == "dualpipe":  # each end feeds half the micro-batches, one direction per phase
-                expected = [m for m in range(n) if direction_of(name, m, n) == phase]
+                expected = [m for m in range(n) if make_schedule(name, ranks).direction_of(m, n) == phase]
                 assert expected == list(range(phase * n // 2, (phase + 1) * n // 2))
             else:
                 expected = list(range(n))
@@ -107,11 +110,11 @@ def test_links_are_fifo_without_tags_only_for_short_dual_pipelines():
     DualPipe PP=6 and DualPipeV PP=3 on."""
     for name, ranks, n in CONFIGS:
         if ranks <= (4 if name == "dualpipe" else 2) or name in ("1f1b", "zb1p"):
-            validate_schedule(name, ranks, n, tags=False)
+            validate_schedule(name, ranks, n, p2p="untagged")
     with pytest.raises(ScheduleError, match=r"link rank 0 -> rank 1 is not FIFO.*B1\.8\*"):
-        validate_schedule("dualpipe", 8, 16, tags=False)
+        validate_schedule("dualpipe", 8, 16, p2p="untagged")
     with pytest.raises(ScheduleError, match="not FIFO"):
-        validate_schedule("dualpipev", 3, 6, tags=False)
+        validate_schedule("dualpipev", 3, 6, p2p="untagged")
 
 
 # ---- the validator fails where it should ----------------------------------------------------------------------
@@ -224,11 +227,9 @@ def test_rank_out_of_range():
 def test_forward_only_schedule_runs_every_micro_batch_once_per_stage(name):
     """Evaluation: each stage a rank owns sees each of its micro-batches once, in order, and the replay of the
     data flow (F needs the previous stage's F) completes."""
-    from parallel.pipeline.action import stage_of
-    from parallel.pipeline.schedule import build_forward_schedule
-
     ranks, n = 4, 8
-    lists = [build_forward_schedule(name, ranks, r, n) for r in range(ranks)]
+    schedule = ForwardOnly(make_schedule(name, ranks))
+    lists = [schedule.actions(r, n) for r in range(ranks)]
     done = set()
     progress = True
     while progress:  # a forward runs once its input stage has run the micro-batch (sends never block)
@@ -236,7 +237,7 @@ def test_forward_only_schedule_runs_every_micro_batch_once_per_stage(name):
         for r, actions in enumerate(lists):
             while actions:
                 a = actions[0]
-                s = stage_of(name, ranks, r, a.phase)
+                s = schedule.stage_of(r, a.phase)
                 if s > 0 and (s - 1, a.microbatch) not in done:
                     break
                 done.add((s, a.microbatch))
@@ -245,4 +246,4 @@ def test_forward_only_schedule_runs_every_micro_batch_once_per_stage(name):
     assert not any(lists), "forward-only schedule deadlocks"
     stages = 2 * ranks if name == "dualpipev" else ranks
     assert done == {(s, m) for s in range(stages) for m in range(n)}
-    assert all(a.kind == "F" for r in range(ranks) for a in build_forward_schedule(name, ranks, r, n))
+    assert all(a.kind == "F" for r in range(ranks) for a in schedule.actions(r, n))

@@ -8,9 +8,20 @@ import json
 
 import pytest
 
-from parallel.pipeline.action import Action, direction_of, num_stages, owner, stage_of
-from parallel.pipeline.schedule import ScheduleError, build_schedule
-from parallel.pipeline.simulate import Costs, Timeline, formula_bubble, plot_timeline, simulate, write_chrome_trace
+from parallel.pipeline.action import Action
+from parallel.pipeline.schedule import ScheduleError, build_schedule, make_schedule
+from parallel.pipeline.simulate import Costs, Timeline, plot_timeline, write_chrome_trace
+from parallel.pipeline.simulate import formula_bubble as _formula
+from parallel.pipeline.simulate import simulate as _simulate
+
+
+def simulate(name: str, ranks: int, n: int, costs, lists=None, **kwargs) -> Timeline:
+    return _simulate(make_schedule(name, ranks), n, costs, lists, **kwargs)
+
+
+def formula_bubble(name: str, ranks: int, costs: Costs) -> float:
+    return _formula(make_schedule(name, ranks), costs)
+
 
 # F, B (full backward), W, F&B
 ANY_COSTS = [Costs(1, 2, 1, 2.5), Costs(1, 2, 0.7, 3), Costs(1, 1, 0.5, 1.5), Costs(2, 3, 1, 4), Costs(0.3, 2.5, 2)]
@@ -90,6 +101,7 @@ def test_timeline_obeys_the_data_flow(name, ranks, n, p2p):
     previous stage's F, each B after its F and the next stage's B, each W after its B (+ p2p across ranks)."""
     costs = Costs(1, 2, 0.5, 2.5, p2p=p2p)
     timeline = simulate(name, ranks, n, costs)
+    schedule = make_schedule(name, ranks)
     end: dict[tuple[str, int, int], tuple[int, float]] = {}
     for rank, events in enumerate(timeline.events):
         assert [a for _, _, a in events] == build_schedule(name, ranks, rank, n)
@@ -98,13 +110,13 @@ def test_timeline_obeys_the_data_flow(name, ranks, n, p2p):
         for start, stop, action in events:
             assert stop - start == pytest.approx(costs(rank, action))
             for part in action.parts():
-                end[(part.kind, stage_of(name, ranks, rank, part.phase), part.microbatch)] = (rank, stop)
-    last = num_stages(name, ranks) - 1
+                end[(part.kind, schedule.stage_of(rank, part.phase), part.microbatch)] = (rank, stop)
+    last = schedule.n_stages - 1
     for rank, events in enumerate(timeline.events):
         for start, _, action in events:
             for part in action.parts():
-                s, m = stage_of(name, ranks, rank, part.phase), part.microbatch
-                assert owner(name, ranks, s, direction_of(name, m, n)) == (rank, part.phase)
+                s, m = schedule.stage_of(rank, part.phase), part.microbatch
+                assert schedule.owner(s, schedule.direction_of(m, n)) == (rank, part.phase)
                 needs = {"F": [("F", s - 1, m)] if s else [],
                          "B": [("F", s, m)] + ([("B", s + 1, m)] if s < last else []),
                          "W": [("B", s, m)]}[part.kind]
