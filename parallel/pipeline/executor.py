@@ -1,7 +1,7 @@
 """Runs one rank's pipeline schedule (paper 3.2.1): the actions of a `schedule.Schedule`, with point-to-point
 transfers between the ranks that hold neighbouring stages, in the order of `p2p.StepPlan` (one 2-rank
-communicator per channel, no tags, receives posted one tensor ahead per channel, sends waited for at the end of
-the step; p2p.py says why NCCL can run it).
+communicator per channel, no tags, each channel's next receive posted before the current one is waited for,
+sends waited for at the end of the step; p2p.py says why NCCL can run it).
 
 Laid out like DualPipe's own runner: a small per-step state (`_Step`) and one method per chunk kind:
 `_forward_chunk` (F: the stage's forward on the received activation, its output sent on), `_backward_chunk` (B:
@@ -189,8 +189,8 @@ class PipelineExecutor:
         step.posted[channel] = _Posted(order[k], buffer, works)
 
     def _receive(self, step: _Step, takes: list[Transfer]) -> bool:
-        """Wait for an action's tensors (the forward's input before the backward's gradient) and post each
-        channel's next receive before the action computes; whether any came over a channel."""
+        """Wait for an action's tensors (the forward's input before the backward's gradient), posting each
+        channel's next receive first; whether any came over a channel."""
         waited = False
         for t in takes:
             if t.channel is None:
@@ -199,11 +199,11 @@ class PipelineExecutor:
                 posted = step.posted.pop(t.channel)
                 if posted.tensor != t.tensor:  # StepPlan's orders make this impossible
                     raise RuntimeError(f"channel {t.channel} holds {posted.tensor}, the action expects {t.tensor}")
+                step.taken[t.channel] = step.taken.get(t.channel, 0) + 1
+                self._post_receive(step, t.channel)  # the channel's next, posted while this one may still travel
                 for work in posted.works:
                     work.wait()
                 waited = True
-                step.taken[t.channel] = step.taken.get(t.channel, 0) + 1
-                self._post_receive(step, t.channel)
                 tensor = posted.buffer
             kind, stage, m = t.tensor
             key = (self._phase_of[stage], m)

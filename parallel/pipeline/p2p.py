@@ -10,9 +10,9 @@ the k-th send meets the k-th receive without a tag, whatever PyTorch's choice of
 (the pair's own or the group's: for a 2-rank group they are the same pair).
 
 Order (`StepPlan`, the executor's and the validator's one source). At the start of a step the rank posts the
-first receive of each of its incoming channels; when an action takes a tensor from a channel it waits for that
-receive and at once posts the channel's next one, before computing, so that the next transfer can land while
-it computes (and a sender never blocks for want of a posted receive). Sends are lone isends on their channel,
+first receive of each of its incoming channels; when an action takes a tensor from a channel it first posts the
+channel's next receive, then waits for this one, so that the next transfer can land while it waits and computes
+(and a sender never blocks for want of a posted receive; at most two receives per channel are in flight). Sends are lone isends on their channel,
 posted when the tensor is made; the host waits for them only at the end of the step. The ops a rank posts
 are therefore, per communicator, exactly the channel's tensors in order, and nothing waits behind a send: the
 step cannot deadlock unless the schedule's data flow itself does (validate.py replays this program under the
@@ -129,10 +129,10 @@ class StepPlan:
                 if t.channel is None:
                     continue
                 k = taken[t.channel]
-                calls.append(Call(wait=(index[(t.channel, k)],)))
                 taken[t.channel] = k + 1
                 if k + 1 < len(self.incoming[t.channel]):
                     index[(t.channel, k + 1)] = post(t.channel, False, self.incoming[t.channel][k + 1])
+                calls.append(Call(wait=(index[(t.channel, k)],)))
             for t in makes:
                 if t.channel is not None:
                     sends.append(post(t.channel, True, t.tensor))
