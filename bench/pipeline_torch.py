@@ -4,8 +4,10 @@ PP = 2 gloo processes, the `tiny` preset with 4 layers (fp32, MTP on), 8 micro-b
 step. Four runs on identical stage modules (parallel/pipeline/stage.py: each rank keeps its stages of the same
 seeded model): our executor with our 1F1B and DualPipeV action lists, and torch's `Schedule1F1B` and
 `ScheduleDualPipeV` (torch 2.13) driving `PipelineStage`s that wrap the same blocks; the last stage's loss
-(final norm, head, MTP) is torch's `loss_fn`. A step is barrier-aligned; its time is the slowest rank's, the
-median over STEPS steps after a warm-up. Gradient synchronisation and the optimizer are left out of both.
+(final norm, head, MTP) is torch's `loss_fn`. The four runs are interleaved: each round runs one step of each,
+in an order that rotates from round to round, so that the machine's drift falls on all of them alike. A step is
+barrier-aligned; its time is the slowest rank's, the median over ROUNDS rounds after a warm-up round. Gradient
+synchronisation and the optimizer are left out of both.
 
 Printed: step time per run and the ratios ours / torch for the same schedule (below 1 = ours faster). Two
 processes share the machine's two cores, so this compares the schedules' and executors' overheads on real
@@ -36,7 +38,8 @@ from parallel.pipeline.stage import MicroBatch, StageSpec, keep_stages, rank_sta
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PP, N_MICRO, SEQ, MTP_LAMBDA = 2, 8, 256, 0.3
-WARMUP, STEPS = 2, 5
+WARMUP, ROUNDS = 1, 7
+RUNS = [("ours", "1f1b"), ("torch", "1f1b"), ("ours", "dualpipev"), ("torch", "dualpipev")]
 
 
 class _TorchStage(nn.Module):
@@ -112,28 +115,29 @@ def _torch(rank: int, schedule: str):
 
 
 def measure(rank: int, world: int) -> list[dict]:
-    rows = []
-    for name, make in (("ours", _ours), ("torch", _torch)):
-        for schedule in ("1f1b", "dualpipev"):
-            step = make(rank, schedule)
-            times = []
-            for i in range(WARMUP + STEPS):
-                dist.barrier()
-                t0 = time.perf_counter()
-                step()
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                if i >= WARMUP:
-                    times.append(elapsed.item())
-            rows.append({"executor": name, "schedule": schedule, "step_s": statistics.median(times)})
-    return rows
+    makers = {"ours": _ours, "torch": _torch}
+    steps = [makers[executor](rank, schedule) for executor, schedule in RUNS]
+    times: list[list[float]] = [[] for _ in RUNS]
+    for round_ in range(WARMUP + ROUNDS):
+        for k in range(len(RUNS)):
+            i = (k + round_) % len(RUNS)  # rotate the order from round to round
+            dist.barrier()
+            t0 = time.perf_counter()
+            steps[i]()
+            elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if round_ >= WARMUP:
+                times[i].append(elapsed.item())
+    return [{"executor": e, "schedule": s, "step_s": statistics.median(t), "steps_s": t}
+            for (e, s), t in zip(RUNS, times)]
 
 
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = run_gloo(measure, PP)[0]
     by = {(r["executor"], r["schedule"]): r["step_s"] for r in rows}
-    print(f"PP={PP}, {N_MICRO} micro-batches of 1 x {SEQ} tokens, tiny preset (fp32); step time, slowest rank, median")
+    print(f"PP={PP}, {N_MICRO} micro-batches of 1 x {SEQ} tokens, tiny preset (fp32); step time, slowest rank, median "
+          f"of {ROUNDS} interleaved rounds")
     print(f"{'schedule':10} {'ours':>9} {'torch':>9} {'ours/torch':>11}")
     for schedule in ("1f1b", "dualpipev"):
         ours, theirs = by[("ours", schedule)], by[("torch", schedule)]
