@@ -9,9 +9,11 @@ in an order that rotates from round to round, so that the machine's drift falls 
 barrier-aligned; its time is the slowest rank's, the median over ROUNDS rounds after a warm-up round. Gradient
 synchronisation and the optimizer are left out of both.
 
-Printed: step time per run and the ratios ours / torch for the same schedule (below 1 = ours faster). Two
-processes share the machine's two cores, so this compares the schedules' and executors' overheads on real
-compute, not a GPU cluster.
+Printed: step time per run, the ratios ours / torch for the same schedule (below 1 = ours faster), and the
+compute time of our busiest rank (the floor no executor can beat on these stages: the rank holding the last
+stage, with the head, the loss and the MTP module, computes about 2.6x the other). Two processes share the
+machine's two cores, so this compares the schedules' and executors' overheads on real compute, not a GPU
+cluster.
 
     python -m bench.pipeline_torch   # prints a table, writes bench/results/pipeline_torch.json
 """
@@ -85,9 +87,10 @@ def _ours(rank: int, schedule: str):
                                 channels=grid.channels)
     actions = grid.schedule.actions(rank, N_MICRO)
 
-    def step() -> None:
-        executor.run(actions, N_MICRO)
+    def step() -> float:
+        busy = executor.run(actions, N_MICRO).busy
         model.zero_grad(set_to_none=True)
+        return busy
     return step
 
 
@@ -107,10 +110,11 @@ def _torch(rank: int, schedule: str):
     first = any(spec.first for spec in specs)
     last = any(spec.last for spec in specs)
 
-    def step() -> None:
+    def step() -> float:
         args = (tokens,) if first else ()
         runner.step(*args, target=labels if last else None)
         model.zero_grad(set_to_none=True)
+        return float("nan")  # torch's schedules do not report their compute time
     return step
 
 
@@ -118,18 +122,20 @@ def measure(rank: int, world: int) -> list[dict]:
     makers = {"ours": _ours, "torch": _torch}
     steps = [makers[executor](rank, schedule) for executor, schedule in RUNS]
     times: list[list[float]] = [[] for _ in RUNS]
+    busy: list[list[float]] = [[] for _ in RUNS]
     for round_ in range(WARMUP + ROUNDS):
         for k in range(len(RUNS)):
             i = (k + round_) % len(RUNS)  # rotate the order from round to round
             dist.barrier()
             t0 = time.perf_counter()
-            steps[i]()
-            elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            compute = steps[i]()
+            facts = torch.tensor([time.perf_counter() - t0, compute], dtype=torch.float64)
+            dist.all_reduce(facts, op=dist.ReduceOp.MAX)
             if round_ >= WARMUP:
-                times[i].append(elapsed.item())
-    return [{"executor": e, "schedule": s, "step_s": statistics.median(t), "steps_s": t}
-            for (e, s), t in zip(RUNS, times)]
+                times[i].append(facts[0].item())
+                busy[i].append(facts[1].item())
+    return [{"executor": e, "schedule": s, "step_s": statistics.median(t), "steps_s": t,
+             "critical_busy_s": statistics.median(b)} for (e, s), t, b in zip(RUNS, times, busy)]
 
 
 def main() -> None:
@@ -138,10 +144,12 @@ def main() -> None:
     by = {(r["executor"], r["schedule"]): r["step_s"] for r in rows}
     print(f"PP={PP}, {N_MICRO} micro-batches of 1 x {SEQ} tokens, tiny preset (fp32); step time, slowest rank, median "
           f"of {ROUNDS} interleaved rounds")
-    print(f"{'schedule':10} {'ours':>9} {'torch':>9} {'ours/torch':>11}")
+    busy = {r["schedule"]: r["critical_busy_s"] for r in rows if r["executor"] == "ours"}
+    print(f"{'schedule':10} {'ours':>9} {'torch':>9} {'ours/torch':>11} {'ours: busiest rank computing':>29}")
     for schedule in ("1f1b", "dualpipev"):
         ours, theirs = by[("ours", schedule)], by[("torch", schedule)]
-        print(f"{schedule:10} {ours:>8.3f}s {theirs:>8.3f}s {ours / theirs:>11.2f}")
+        print(f"{schedule:10} {ours:>8.3f}s {theirs:>8.3f}s {ours / theirs:>11.2f} "
+              f"{busy[schedule]:>8.3f}s ({busy[schedule] / ours:.0%} of the step)")
     print(f"our dualpipev / torch's 1f1b: {by[('ours', 'dualpipev')] / by[('torch', '1f1b')]:.2f}")
     (RESULTS / "pipeline_torch.json").write_text(json.dumps(rows, indent=1))
 
