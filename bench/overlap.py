@@ -14,7 +14,16 @@ backward's exchanges, DeepSeek's pairing). Per action kind the executor reports 
 all-to-alls (exposed) and their modelled duration; the table gives the exposed fraction inside FB chunks (the only
 place DualPipe overlaps) and over the whole step, and the step time, median over steps, worst rank.
 
-    python -m bench.overlap   # prints a table, writes bench/results/overlap.json
+Second table: the gradient reduction (paper 3.2.1; parallel/grad_reduce.py). The main job's layout (PP=2
+DualPipe x DP=2 x EP=2, the tiny preset, real compute, 4 micro-batches of 1 x 256 tokens) with
+`parallel.overlap_grad_reduce` off (mirror-pair sums and ZeRO-1 reduce-scatters after the step's last action)
+and on (each bucket started as soon as its last weight gradient is final). Both runs are built in the same 4
+processes and their steps interleaved. Exposed reduction = the time between the executor's last action and the
+gradients sitting reduced in the optimizer's shards (the rest of `Pipeline.train_step` plus the optimizer's
+remaining `_reduce_grads`), worst rank, median over steps; also the whole optimizer step (micro-batches, then
+clipping, AdamW and the all-gather).
+
+    python -m bench.overlap   # prints both tables, writes bench/results/overlap.json
 """
 
 from __future__ import annotations
@@ -69,6 +78,57 @@ def measure(rank: int, world: int, n_micro: int, overlap: bool) -> dict:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
+GRAD_STEPS = 6
+GRAD_RUN = ["experiment=tiny_parallel", "trainer.eval_every=0", "trainer.checkpoint_every=0", "logging.plot=false"]
+
+
+def measure_grad_reduce(rank: int, world: int) -> dict[str, dict]:
+    """Exposed gradient-reduction seconds and whole-step seconds per step, overlap_grad_reduce off and on."""
+    import time
+
+    from trainer.config import compose_config, load_config
+    from trainer.state import TrainState
+    from trainer.train import build, optimizer_step
+
+    torch.set_num_threads(1)
+    runs = {}
+    for on in (False, True):
+        cfg = load_config(compose_config([*GRAD_RUN, f"parallel.overlap_grad_reduce={on}"]), world_size=world)
+        grid = ProcessGrid.build(cfg.parallel, cfg.trainer.device) if not runs else runs[False][1]
+        runs[on] = (cfg, grid, build(cfg, grid), TrainState())
+    facts: dict[bool, dict[str, list[float]]] = {on: {"exposed_s": [], "step_s": []} for on in runs}
+    for i in range(1 + GRAD_STEPS):  # one warm-up step each
+        for on in ((False, True) if i % 2 else (True, False)):
+            cfg, grid, run, state = runs[on]
+            timed = {"train_step": 0.0, "reduce": 0.0}
+            train_step, reduce_grads = run.pipeline.train_step, run.opt._reduce_grads
+
+            def timed_train_step(*a, **k):
+                t = time.perf_counter()
+                out = train_step(*a, **k)
+                timed["train_step"] += time.perf_counter() - t
+                return out
+
+            def timed_reduce():
+                t = time.perf_counter()
+                reduce_grads()
+                timed["reduce"] += time.perf_counter() - t
+
+            run.pipeline.train_step, run.opt._reduce_grads = timed_train_step, timed_reduce
+            dist.barrier()
+            t0 = time.perf_counter()
+            optimizer_step(cfg, grid, state, run, None, Path("."))
+            elapsed = time.perf_counter() - t0
+            run.pipeline.train_step, run.opt._reduce_grads = train_step, reduce_grads
+            exposed = timed["train_step"] - run.pipeline.last_stats.total + timed["reduce"]
+            worst = torch.tensor([exposed, elapsed], dtype=torch.float64)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            if i > 0:
+                facts[on]["exposed_s"].append(worst[0].item())
+                facts[on]["step_s"].append(worst[1].item())
+    return {"on" if on else "off": {k: statistics.median(v) for k, v in f.items()} for on, f in facts.items()}
+
+
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -92,7 +152,16 @@ def main() -> None:
                   f"{row['step_s'] * 1e3:>10.1f} {ratio}")
     setup = {"pp": PP, "ep": EP, "layers": LAYERS, "shape": SHAPE, "experts": N_EXPERTS, "topk": TOPK,
              "attn_s": vars(ATTN), "mlp_s": vars(MLP), "fabric": vars(FABRIC)}
-    (RESULTS / "overlap.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    grad = run_gloo(measure_grad_reduce, 4)[0]
+    print("\nGradient reduction, the main job's layout (PP=2 DualPipe x DP=2 x EP=2, tiny, real compute), worst "
+          f"rank, median of {GRAD_STEPS} interleaved steps")
+    print(f"{'overlap_grad_reduce':>19} {'exposed (ms)':>13} {'step (ms)':>10}")
+    for key in ("off", "on"):
+        print(f"{key:>19} {grad[key]['exposed_s'] * 1e3:>13.1f} {grad[key]['step_s'] * 1e3:>10.1f}")
+    print(f"on/off: exposed {grad['on']['exposed_s'] / grad['off']['exposed_s']:.2f}, "
+          f"step {grad['on']['step_s'] / grad['off']['step_s']:.2f}")
+    (RESULTS / "overlap.json").write_text(json.dumps({"setup": setup, "rows": rows, "grad_reduce": grad},
+                                                     indent=1))
     print(f"wrote {RESULTS / 'overlap.json'}")
 
 
