@@ -34,6 +34,11 @@ launching and waiting they call `during_exchange` when it is set, which is where
 another micro-batch's forward (parallel/pipeline/overlap.py). With a simulated `fabric` (parallel/fabric.py) every
 payload exchange, forward and backward, lasts at least its modelled duration on the cluster's links.
 
+Two communicators. The exchanges of the backward (combine backward, dispatch backward) run on `bwd_group`, a
+second group of the same EP ranks (the grid's `ep_bwd_group`), when one is given: on NCCL one communicator's
+ops run in order on one stream, so with DualPipe's overlapped chunk a forward's count exchange on the same
+communicator would queue behind the other micro-batch's backward payload; on its own communicator it does not.
+
 `stats()` returns and resets totals since its last call: dispatch calls, rows received, tokens dispatched,
 payload bytes sent to ranks on other nodes (forward dispatches only), for cross-node bytes per token, the
 time spent waiting for payload exchanges (the all-to-all time not hidden behind compute) and their modelled time.

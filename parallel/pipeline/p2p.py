@@ -12,8 +12,9 @@ the k-th send meets the k-th receive without a tag, whatever PyTorch's choice of
 Order (`StepPlan`, the executor's and the validator's one source). At the start of a step the rank posts the
 first receive of each of its incoming channels; when an action takes a tensor from a channel it first posts the
 channel's next receive, then waits for this one, so that the next transfer can land while it waits and computes
-(and a sender never blocks for want of a posted receive; at most two receives per channel are in flight). Sends are lone isends on their channel,
-posted when the tensor is made; the host waits for them only at the end of the step. The ops a rank posts
+(and a sender never blocks for want of a posted receive; at most two receives per channel are in flight).
+Sends are lone isends on their channel, posted when the tensor is made; the host waits for them only at the
+end of the step. The ops a rank posts
 are therefore, per communicator, exactly the channel's tensors in order, and nothing waits behind a send: the
 step cannot deadlock unless the schedule's data flow itself does (validate.py replays this program under the
 NCCL model, nccl_model.py, for every schedule up to PP=16).
