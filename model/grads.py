@@ -40,6 +40,7 @@ def grad_of(p: torch.Tensor) -> torch.Tensor | None:
     return p.main_grad if hasattr(p, "main_grad") else p.grad
 
 
+@torch.no_grad()
 def accumulate_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
     """Add a weight gradient computed outside autograd's own accumulation where autograd would have put it: the
     fp32 `main_grad` when the parameter has one (whose hook autograd would have run), else `param.grad`."""

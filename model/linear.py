@@ -190,6 +190,7 @@ class GroupedLinear(nn.Module):
         if expert_gemm not in ("grouped_mm", "loop"):
             raise ValueError(f"expert_gemm={expert_gemm!r}: must be grouped_mm or loop (model.expert_gemm)")
         self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.first_expert = 0  # global index of weight[0] (expert parallelism keeps a block of the experts)
         self.expert_gemm = str(expert_gemm)
         self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features, dtype=dtype))
         self.wgrad_store: WeightGradStore | None = None

@@ -15,7 +15,8 @@ from torch import nn
 
 from model.block import Block, run_steps
 from model.config import ModelConfig
-from model.linear import GroupedLinear, Linear
+from model.init import init_parameters
+from model.linear import Linear
 from model.loss import IGNORE_INDEX, linear_cross_entropy
 from model.mtp import MTPModule
 from model.norm import RMSNorm
@@ -44,19 +45,14 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if not cos.is_meta:  # built under torch.device("meta"): `model.init.materialize` initialises it later
+            self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) for every weight matrix and the embedding; norms 1; router bias 0."""
-        for m in self.modules():
-            if isinstance(m, (Linear, GroupedLinear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-        for name, buf in self.named_buffers():
-            if name.endswith("gate.bias"):
-                buf.zero_()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) for every weight matrix and the embedding, each from a generator keyed by its name
+        and `seed` (default: the seed torch's global generator was last seeded with); norms 1; router bias 0
+        (model/init.py)."""
+        init_parameters(self, torch.initial_seed() if seed is None else seed, self.cfg.init_std)
 
     @staticmethod
     def gate_names(cfg: ModelConfig) -> list[str]:

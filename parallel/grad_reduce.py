@@ -18,8 +18,10 @@ started; a bucket's reduce-scatter is posted after its copies' sum has completed
 data-parallel group sees one order too. `finish` drives what is left after the last action and waits for everything.
 
 The arithmetic is exactly the unoverlapped path's (the copies' sum, then 1/DP and the reduce-scatter, per
-bucket), so results are bitwise the same: tests/dist/test_grad_reduce.py. Memory: every bucket's fp32 flat copy
-of its gradients lives from its ready point until the optimizer step.
+bucket), so results are bitwise the same: tests/dist/test_grad_reduce.py. With `overlap` off (the trainer's
+parallel.overlap_grad_reduce=false) the same reducer starts every bucket after the last action. Memory: the sums
+and the reduce-scatters run in place on the optimizer's persistent flat gradient buffers (parallel/zero.py), in
+which the backward accumulated, so the gradients never exist twice.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ class OverlappedGradReduce:
     key is (holder ranks, stages producing its gradients), as `Pipeline.grad_group` makes it."""
 
     def __init__(self, opt: ZeroOptimizer, schedule: Schedule, pp_rank: int,
-                 replica_groups: dict[tuple[int, ...], dist.ProcessGroup], device: torch.device) -> None:
+                 replica_groups: dict[tuple[int, ...], dist.ProcessGroup], device: torch.device,
+                 overlap: bool = True) -> None:
         self.opt, self.schedule, self.pp_rank, self.replica_groups = opt, schedule, pp_rank, replica_groups
+        self.overlap = overlap  # False: every bucket starts in `finish` (parallel.overlap_grad_reduce=false)
         self.clock = Clock(device)
         self.exposed_s = 0.0  # time `finish` waited, summed over steps (the reduction not hidden behind compute)
         self.early = 0  # buckets started before the step's last action, summed over steps
@@ -82,6 +86,8 @@ class OverlappedGradReduce:
 
     def after(self, index: int) -> None:
         """Action `index` has finished: start the buckets it made ready, post the reduce-scatters that can go."""
+        if not self.overlap:
+            return
         while self._started < len(self._jobs) and self._jobs[self._started].ready <= index:
             self._start(self._jobs[self._started])
             self.early += index < self._last

@@ -59,7 +59,7 @@ def apply_expert_parallel(model: nn.Module, grid: ProcessGrid, cfg: ParallelConf
         start, end = expert_range(n_experts, grid.ep, grid.ep_rank)
         for linear in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
             linear.weight = nn.Parameter(linear.weight.detach()[start:end].clone())
-            linear.n_experts = end - start
+            linear.n_experts, linear.first_expert = end - start, start
         moe.experts.n_experts = end - start
         moe.dispatcher = ExpertParallelDispatcher(grid.ep_group, n_experts, gpus_per_node=grid.gpus_per_node,
                                                   hierarchical=cfg.dispatch == "hierarchical", fabric=cfg.fabric,
@@ -70,15 +70,15 @@ def build_optimizer(model: nn.Module, grid: ProcessGrid, pipeline: Pipeline, cfg
     """The run's optimizer: AdamW in one process (the reference), ZeRO-1 over the grid's data-parallel groups
     otherwise, its buckets cut by the pipeline's gradient groups (`Pipeline.grad_group`); with a pipeline the norm
     also sums over the pipeline group, each parameter counted with the pipeline's `norm_share` (1 / the pipeline
-    ranks holding it). With parallel.overlap_grad_reduce the pipeline reduces each bucket into the optimizer's
-    shards during the step (parallel/grad_reduce.py)."""
+    ranks holding it). The pipeline reduces each bucket's flat gradient buffer in place into the optimizer's
+    shards (parallel/grad_reduce.py): during the step's cool-down with parallel.overlap_grad_reduce, else after
+    its last action."""
     if grid.world_size == 1:
         return AdamW(model.named_parameters(), cfg)
     piped = grid.pp > 1
     opt = ZeroOptimizer(model.named_parameters(), cfg, grid.dp_group, grid.edp_group, is_expert_param,
                         extra_group=grid.pp_group if piped else None,
                         norm_share=pipeline.norm_share if piped else None, bucket_key=pipeline.grad_group)
-    if pipeline.cfg.overlap_grad_reduce:
-        pipeline.reducer = OverlappedGradReduce(opt, pipeline.schedule, grid.pp_rank, pipeline.replica_groups,
-                                                grid.device)
+    pipeline.reducer = OverlappedGradReduce(opt, pipeline.schedule, grid.pp_rank, pipeline.replica_groups,
+                                            grid.device, overlap=pipeline.cfg.overlap_grad_reduce)
     return opt

@@ -16,12 +16,14 @@ Layout (Megatron conventions, /work/shared/notes/references.md):
   (decayed) and which are vectors (not), the rule of `optim.adamw.weight_decay_of`.
 
 One step:
-1. the gradients (`model.grads.grad_of`: the fp32 `main_grad` when present) are copied into a transient fp32
-   flat buffer and reduce-scattered (`reduce_scatter_single`, torch 2.13's name for reduce_scatter_tensor; gloo
-   runs it for fp32 and bf16, as it does all_gather_single): each rank receives the summed gradient of its own
-   shard. The reduction is done in fp32, not in the parameter dtype: the paper keeps weight gradients in fp32
-   (3.3), and a bf16 reduce-scatter would round every partial sum to 8 significant bits. The buffer is freed
-   right after.
+1. the gradients live in one persistent fp32 flat buffer per bucket (`_Bucket.grads`): every parameter's
+   gradient (`model.grads.grad_of`: its `main_grad`, or `.grad` for an fp32 parameter) is a view of it, so the
+   backward accumulates straight into the buffer and the reductions use it in place, with no second copy of the
+   gradients (Megatron's contiguous grad buffer). It is reduce-scattered (`reduce_scatter_single`, torch 2.13's
+   name for reduce_scatter_tensor; gloo runs it for fp32 and bf16, as it does all_gather_single): each rank
+   receives the summed gradient of its own shard. The reduction is done in fp32, not in the parameter dtype: the
+   paper keeps weight gradients in fp32 (3.3), and a bf16 reduce-scatter would round every partial sum to 8
+   significant bits. `zero_grad` zeroes the buffers in place.
 2. the global gradient norm is computed from the reduced shards and the shards are clipped;
 3. `optim.adamw.adamw_update` runs on the fp32 master shards (it is elementwise, so flat slices are fine);
 4. the updated shards are rounded to the parameter dtype and all-gathered back into the parameters, each
@@ -123,6 +125,7 @@ class _Bucket:
     exp_avg: Tensor = field(default_factory=lambda: torch.empty(0, device="cpu"))
     exp_avg_sq: Tensor = field(default_factory=lambda: torch.empty(0, device="cpu"))
     step: int = 0
+    grads: Tensor = field(default_factory=lambda: torch.empty(0, device="cpu"))  # [padded] fp32, persistent
     grad_shard: Tensor | None = None
     key: Hashable = None  # the bucket_key its parameters share
 
@@ -181,11 +184,14 @@ class ZeroOptimizer(Optimizer):
         self._norm_shares: list[Tensor | None] = [None] * len(self.buckets)
         if norm_share is not None:
             for i, b in enumerate(self.buckets):
+                if all(norm_share(seg.name) == 1 for seg in b.segments):
+                    continue
                 shares = torch.ones(b.shard_size, dtype=torch.float32, device=self.device)
                 for seg in b.segments:
                     shares[seg.lo:seg.hi] = norm_share(seg.name)
-                self._norm_shares[i] = None if bool((shares == 1).all()) else shares
+                self._norm_shares[i] = shares
         self._bucket_of = {name: b for b in self.buckets for name in b.names}
+        self._attach_grads()
 
     @torch.no_grad()
     def _build_bucket(self, dtype: torch.dtype, expert: bool, names: list[str], key: Hashable = None) -> _Bucket:
@@ -200,6 +206,7 @@ class ZeroOptimizer(Optimizer):
         moment_dtype = torch_dtype(self.cfg.moment_dtype)
         dev = self.device
         b.master = torch.zeros(b.shard_size, dtype=torch.float32, device=dev)  # padding stays 0 (zero grad, update)
+        b.grads = torch.zeros(b.padded, dtype=torch.float32, device=dev)
         b.exp_avg = torch.zeros(b.shard_size, dtype=moment_dtype, device=dev)
         b.exp_avg_sq = torch.zeros(b.shard_size, dtype=moment_dtype, device=dev)
         for name, off in zip(names, offsets):
@@ -219,15 +226,41 @@ class ZeroOptimizer(Optimizer):
 
     # ---- gradients ---------------------------------------------------------------------------------------------
 
+    def _view(self, b: _Bucket, name: str) -> Tensor:
+        p = self.params[name]
+        off = b.offsets[b.names.index(name)]
+        return b.grads[off:off + p.numel()].view(p.shape)
+
+    def _attach(self, p: nn.Parameter, view: Tensor) -> None:
+        """Make `view` the parameter's gradient: its `main_grad`, or `.grad` of an fp32 parameter. A low-precision
+        parameter without `main_grad` (no `model.grads.attach_main_grads`) keeps its own `.grad`, copied into the
+        buffer by `flat_grads`."""
+        if hasattr(p, "main_grad"):
+            p.main_grad = view
+        elif p.dtype == torch.float32:
+            p.grad = view
+
+    def _attach_grads(self) -> None:
+        """Point every parameter's gradient at its slice of its bucket's flat buffer."""
+        for b in self.buckets:
+            for name in b.names:
+                self._attach(self.params[name], self._view(b, name))
+
     @torch.no_grad()
     def flat_grads(self, b: _Bucket) -> Tensor:
-        """A fresh fp32 flat buffer holding the bucket's gradients (zeros for padding and missing gradients)."""
-        flat = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
-        for name, off in zip(b.names, b.offsets):
-            g = grad_of(self.params[name])
-            if g is not None:
-                flat[off:off + g.numel()].copy_(g.reshape(-1))
-        return flat
+        """The bucket's flat fp32 gradient buffer, ready to be reduced in place (zeros in the padding). A gradient
+        that is not its view (one a caller set instead of accumulating into it) is copied in and the view
+        re-attached; None counts as zero."""
+        for name in b.names:
+            p, view = self.params[name], self._view(b, name)
+            g = grad_of(p)
+            if g is None or g.data_ptr() != view.data_ptr():
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g)
+                self._attach(p, view)
+        return b.grads
 
     @torch.no_grad()
     def start_reduce_scatter(self, b: _Bucket, flat: Tensor) -> dist.Work | None:
@@ -315,11 +348,20 @@ class ZeroOptimizer(Optimizer):
             p.copy_(full[off:off + p.numel()].view(p.shape))
 
     def zero_grad(self) -> None:
-        super().zero_grad()
-        for b in self.buckets:  # a step skipped after grad_norm() must not leave its reduced shards to the next
-            b.grad_shard = None
+        """Zero the flat gradient buffers in place (the parameters' gradients stay views of them)."""
+        for b in self.buckets:
+            b.grads.zero_()
+            b.grad_shard = None  # a step skipped after grad_norm() must not leave its reduced shards to the next
+        for p in self.params.values():
+            if not hasattr(p, "main_grad") and p.dtype != torch.float32:
+                p.grad = None  # keeps its own .grad (see `_attach`)
+        self._attach_grads()
 
     # ---- memory ------------------------------------------------------------------------------------------------
+
+    def grad_buffer_bytes(self) -> int:
+        """Bytes of this rank's persistent fp32 gradient buffers (every parameter held, padding included)."""
+        return sum(b.grads.nbytes for b in self.buckets)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: fp32 master shards and both moment shards (padding included,

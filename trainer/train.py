@@ -41,6 +41,7 @@ from data import DataError
 from data.dataset import DataPipeline, build_data, check_vocab
 from fp8.gemm import check_backend
 from model import Transformer
+from model.init import materialize
 from model.grads import attach_main_grads
 from model.moe import Gate
 from optim.optimizer import Optimizer
@@ -114,11 +115,12 @@ def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
     torch.manual_seed(cfg.trainer.seed)
     data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=grid.dp_rank, dp_size=grid.dp)
     check_vocab(data.vocab_size, cfg.model.vocab_size)
-    model = Transformer(cfg.model)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
     shapes, params = model_index(model)
     dtype = torch_dtype(cfg.trainer.dtype)
     pipeline = parallelize(model, grid, cfg.parallel, cfg.fp8, dtype)
-    model.to(grid.device)
+    materialize(model, grid.device, cfg.trainer.seed, cfg.model.init_std)
     cast_for_compute(model, dtype)
     attach_main_grads(model.parameters())
     opt = build_optimizer(model, grid, pipeline, cfg.optim)

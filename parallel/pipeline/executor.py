@@ -269,7 +269,8 @@ class PipelineExecutor:
         step.stats.overlapped += driver.resumed
 
     def _weight_chunk(self, part: Action) -> None:
-        self.stores.pop((part.phase, part.microbatch)).flush()
+        with torch.no_grad():  # as inside autograd's backward: a weight gradient builds no graph
+            self.stores.pop((part.phase, part.microbatch)).flush()
 
     def _backward(self, part: Action, output: torch.Tensor, grad: torch.Tensor | None) -> None:
         stage = self.stages[part.phase]

@@ -38,8 +38,8 @@ def _worker(rank: int, world: int, out: str) -> None:
                                       "trainer.micro_batch_size=1", "trainer.global_batch_size=8",
                                       "trainer.max_steps=2", f"trainer.run_dir={run}"], world)
             grid = ProcessGrid.build(cfg.parallel, cfg.trainer.device)
-            reducers, early = _train_counting(cfg, run, grid, train)
-            assert reducers == overlap
+            overlapping, early = _train_counting(cfg, run, grid, train)
+            assert overlapping == overlap
             if overlap and name == "dualpipe":
                 assert early > 0, "no bucket started inside the cool-down"
             for group in [*grid.groups.values(), *grid.channels.values()]:
@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, out: str) -> None:
 
 
 def _train_counting(cfg, run: Path, grid, train) -> tuple[int, int]:
-    """Train, returning how many overlapped reducers the run made and how many buckets they started before a
+    """Train, returning how many overlapping reducers the run made and how many buckets they started before a
     step's last action."""
     import parallel.parallelize as parallelize
 
@@ -65,7 +65,7 @@ def _train_counting(cfg, run: Path, grid, train) -> tuple[int, int]:
         train(cfg, run, grid)
     finally:
         parallelize.OverlappedGradReduce = original
-    return len(reducers), sum(r.early for r in reducers)
+    return sum(r.overlap for r in reducers), sum(r.early for r in reducers)
 
 
 def _records(run: Path) -> list[tuple[float, float]]:
