@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.config import Config, ConfigError
+from core.config import Config, ConfigError, choice
+
+Verify = choice("Verify", "off rank0 node all", __name__)
+"""Which ranks hash the token files at start-up (`data.verify`)."""
 
 
 @dataclass
@@ -23,6 +26,7 @@ class DataConfig(Config):
     cache_dir: str = "~/.cache/hai-llm"  # where the default corpus, its tokenizer and token files are cached
     corpus_bytes: int = 16_000_000  # how much default-corpus text to prepare (standard library + python3-doc)
     preprocess_workers: int = 2  # worker processes of hai-data
+    verify: Verify = Verify("off")  # token-file hash check at start: off | rank0 | node | all (data/dataset.py)
 
     def validate(self) -> DataConfig:
         if self.seq_len <= 0:

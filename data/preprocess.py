@@ -116,7 +116,10 @@ class TokenFileWriter:
 
 # ---- reading --------------------------------------------------------------------------------------------------
 class TokenFile:
-    """A token file opened read-only: `doc(i)` is a zero-copy numpy view into the memory-mapped PREFIX.bin."""
+    """A token file opened read-only: `doc(i)` is a zero-copy numpy view into the memory-mapped PREFIX.bin.
+
+    Opening checks the header, both files' sizes and the offsets; `verify` also hashes PREFIX.bin against the
+    recorded checksum (reading the whole file: the training start does it on the ranks data.verify names)."""
 
     def __init__(self, prefix: str | Path, verify: bool = True, fix: str = REWRITE_HINT):
         self.prefix = Path(prefix).expanduser()
@@ -141,9 +144,9 @@ class TokenFile:
         self.offsets = np.memmap(idx, dtype="<u8", mode="r", offset=HEADER.size, shape=(n_docs + 1,))
         self.tokens = (np.memmap(bin_, dtype=self.dtype, mode="r", shape=(n_tokens,)) if n_tokens
                        else np.zeros(0, self.dtype))
-        if verify and _checksum(bin_, self.offsets) != checksum:
-            raise DataError(f"{self.prefix}.bin/.idx: checksum mismatch, the files are corrupt or were changed "
-                            f"after writing; {fix}")
+        self.fix = fix
+        if verify:
+            self.verify()
         if self.offsets[0] != 0 or self.offsets[-1] != n_tokens or (np.diff(self.offsets.astype(np.int64)) < 0).any():
             raise DataError(f"{idx}: document offsets are not increasing from 0 to {n_tokens}; {fix}")
 
@@ -153,6 +156,24 @@ class TokenFile:
         if actual != size:
             state = "truncated" if actual < size else "longer than its header says"
             raise DataError(f"{path}: {state} ({actual} bytes, expected {size}); {fix}")
+
+    def verify(self) -> None:
+        """Hash the files against the checksum hai-data recorded; a DataError naming them and the fix if it differs."""
+        for _ in self.verify_blocks():
+            pass
+
+    def verify_blocks(self, block: int = 1 << 24) -> Iterator[int]:
+        """`verify`, one block of PREFIX.bin at a time: yields the bytes hashed so far after each block."""
+        h, done, buffer = hashlib.blake2b(digest_size=16), 0, bytearray(block)
+        with open(_with_suffix(self.prefix, ".bin"), "rb", buffering=0) as f:
+            while size := f.readinto(buffer):
+                h.update(memoryview(buffer)[:size])
+                done += size
+                yield done
+        h.update(np.ascontiguousarray(self.offsets, dtype="<u8").tobytes())
+        if h.digest() != self.checksum:
+            raise DataError(f"{self.prefix}.bin/.idx: checksum mismatch, the files are corrupt or were changed "
+                            f"after writing; {self.fix}")
 
     @property
     def doc_lengths(self) -> np.ndarray:
@@ -165,15 +186,6 @@ class TokenFile:
 
     def __repr__(self) -> str:
         return f"TokenFile({str(self.prefix)!r}, n_docs={self.n_docs}, n_tokens={self.n_tokens}, {self.dtype})"
-
-
-def _checksum(bin_path: Path, offsets: np.ndarray) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    with open(bin_path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    h.update(np.ascontiguousarray(offsets, dtype="<u8").tobytes())
-    return h.digest()
 
 
 def _with_suffix(prefix: Path, suffix: str) -> Path:
