@@ -18,6 +18,11 @@ command is printed first, then hai-launch replaces itself with it (exec), so sig
 and its exit code is hai-launch's. OMP_NUM_THREADS, when unset, becomes max(1, usable CPUs // nproc) so the
 ranks of a CPU run do not oversubscribe the cores. Arguments hai-launch does not know (Hydra overrides and
 flags such as `--cfg job`) go to the module unchanged, in order; everything after `--` does too.
+
+NCCL's flight recorder. On GPUs each rank keeps its last collectives and, when the NCCL watchdog times one out,
+writes them to `<run dir>/nccl_trace/rank_<r>` (`flight_recorder_env`; a variable already set is kept). For
+that the launcher must know the run directory: trainer.run_dir, or on one node the timestamped default, which
+hai-launch then fixes itself and passes on as trainer.run_dir (rank 0 would otherwise choose it later).
 """
 
 from __future__ import annotations
@@ -26,8 +31,20 @@ import argparse
 import os
 import shlex
 import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
 
 DEFAULT_MODULE = "trainer.train"
+TRACE_DIR = "nccl_trace"  # the flight recorder's dumps, inside the run directory
+# torch 2.13 reads TORCH_FR_BUFFER_SIZE and TORCH_FR_DUMP_TEMP_FILE first and their older names after them (with a
+# deprecation warning), so a user's setting under either name is kept
+OLD_NAMES = {"TORCH_FR_BUFFER_SIZE": "TORCH_NCCL_TRACE_BUFFER_SIZE",
+             "TORCH_FR_DUMP_TEMP_FILE": "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"}
 
 
 class LaunchError(ValueError):
@@ -51,12 +68,16 @@ def parser() -> argparse.ArgumentParser:
                    help=f"module each rank runs (default {DEFAULT_MODULE}); for another module the config is not "
                         "read and nproc = --nproc, else --dp, else 1")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
+    p.add_argument("--print-run-dir", action="store_true",
+                   help="print the run directory of the trainer with these overrides (trainer.run_dir, else the "
+                        "runs/<experiment>/<time> hai-launch would fix) and exit; launch/slurm/train.sbatch uses it")
     return p
 
 
-def world_size(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Total ranks: nproc * nnodes when --nproc is given, else pp * DP (DP = --dp or parallel.ep); the whole
-    config is validated for that world size (layout, model split, micro-batches) before anything starts."""
+def launch_config(args: argparse.Namespace, overrides: list[str]) -> tuple[int, RunConfig]:
+    """The world size and the run config the trainer composes from `overrides`. Total ranks: nproc * nnodes when
+    --nproc is given, else pp * DP (DP = --dp or parallel.ep); the whole config is validated for that world size
+    (layout, model split, micro-batches) before anything starts."""
     from omegaconf import OmegaConf
 
     from core.config import from_dict
@@ -77,10 +98,41 @@ def world_size(args: argparse.Namespace, overrides: list[str]) -> int:
             raise LaunchError(f"--dp must be >= 1, got {dp}")
         world = pcfg.pp * dp
     try:
-        load_config(cfg, world)
+        return world, load_config(cfg, world)
     except ValueError as err:
         raise LaunchError(f"world size {world}: {err}") from err
-    return world
+
+
+def uses_nccl(cfg: RunConfig) -> bool:
+    """Whether the ranks run on this node's GPUs, over NCCL (trainer.device as parallel/grid.py resolves it)."""
+    from parallel.grid import device_type
+
+    return str(cfg.trainer.device) in ("auto", "cuda") and device_type(str(cfg.trainer.device)) == "cuda"
+
+
+def planned_run_dir(cfg: RunConfig, overrides: list[str], nnodes: int = 1) -> str | None:
+    """The trainer's run directory, where the launcher can know it: trainer.run_dir, else for a plain training
+    run on one node the timestamped default of configs/config.yaml (runs/<experiment>/<time>), which the caller
+    then passes on as trainer.run_dir. None when Hydra flags (a sweep, `--cfg`) are given, trainer.run_dir is
+    overridden to null, or several nodes would each pick their own time."""
+    if cfg.trainer.run_dir:
+        return str(cfg.trainer.run_dir)
+    named = any(o.lstrip("+").startswith("trainer.run_dir=") for o in overrides)
+    if nnodes > 1 or named or any(o.startswith("-") for o in overrides):
+        return None
+    return f"runs/{cfg.experiment.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+
+
+def flight_recorder_env(run_dir: str | Path | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of NCCL's flight recorder (torch 2.13's names, checked in its source): each rank records
+    its last 2000 collectives (TORCH_FR_BUFFER_SIZE) and writes them when the NCCL watchdog times one out
+    (TORCH_NCCL_DUMP_ON_TIMEOUT) to `<run_dir>/nccl_trace/rank_<rank>` (TORCH_FR_DUMP_TEMP_FILE is a prefix; torch
+    appends the rank and does not create the directory). Without a run directory the dumps go to torch's default,
+    ~/.cache/torch/. A variable already in `environ`, under its new or old name, is left out."""
+    wanted = {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    if run_dir is not None:
+        wanted["TORCH_FR_DUMP_TEMP_FILE"] = str(Path(run_dir).expanduser().absolute() / TRACE_DIR / "rank_")
+    return {k: v for k, v in wanted.items() if k not in environ and OLD_NAMES.get(k, k) not in environ}
 
 
 def omp_threads(nproc: int) -> int:
@@ -94,12 +146,7 @@ def omp_threads(nproc: int) -> int:
 
 def build(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """The torchrun command line and the environment additions for `argv` (hai-launch's arguments)."""
-    head, sep, tail = argv, [], []
-    if "--" in argv:
-        cut = argv.index("--")
-        head, sep, tail = argv[:cut], ["--"], argv[cut + 1:]
-    args, rest = parser().parse_known_args(head)
-    passthrough = rest + tail if sep else rest
+    args, passthrough = _parse(argv)
     if args.nnodes < 1:
         raise LaunchError(f"--nnodes must be >= 1, got {args.nnodes}")
     if args.nproc is not None and args.nproc < 1:
@@ -107,14 +154,19 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if args.nnodes > 1 and not args.rdzv_endpoint:
         raise LaunchError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the first node's address); "
                           "under SLURM use launch/slurm/train.sbatch")
-    nproc = args.nproc
+    nproc, cfg, world = args.nproc, None, args.dp or 1  # another module: nproc = --nproc, else --dp, else 1
+    if args.module == DEFAULT_MODULE:
+        world, cfg = launch_config(args, passthrough)  # validates the layout now rather than in every rank
     if nproc is None:
-        world = world_size(args, passthrough) if args.module == DEFAULT_MODULE else (args.dp or 1)
         if world % args.nnodes:
             raise LaunchError(f"world size {world} is not divisible by --nnodes {args.nnodes}; give --nproc")
         nproc = world // args.nnodes
-    elif args.module == DEFAULT_MODULE:
-        world_size(args, passthrough)  # validate the layout now rather than in every rank
+    env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(omp_threads(nproc))}
+    if cfg is not None and uses_nccl(cfg):
+        run_dir = planned_run_dir(cfg, passthrough, args.nnodes)
+        if run_dir is not None and not cfg.trainer.run_dir:
+            passthrough = [*passthrough, f"trainer.run_dir={run_dir}"]  # the dumps' directory is the run's
+        env.update(flight_recorder_env(run_dir, os.environ))
     if args.nnodes == 1:
         rdzv = ["--standalone"]
     else:
@@ -122,8 +174,17 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str]]:
                 "--rdzv_id", args.rdzv_id]
     cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc_per_node", str(nproc),
            "-m", args.module, *passthrough]
-    env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(omp_threads(nproc))}
     return cmd, env
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """hai-launch's flags, and the arguments for the module: the unknown ones and everything after `--`."""
+    head, sep, tail = argv, [], []
+    if "--" in argv:
+        cut = argv.index("--")
+        head, sep, tail = argv[:cut], ["--"], argv[cut + 1:]
+    args, rest = parser().parse_known_args(head)
+    return args, rest + tail if sep else rest
 
 
 def render(cmd: list[str], env: dict[str, str]) -> str:
@@ -134,18 +195,30 @@ def render(cmd: list[str], env: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Build the torchrun command, print it, and exec it (its exit code becomes ours); 2 on a bad launch."""
     argv = sys.argv[1:] if argv is None else argv
-    dry_run = "--dry-run" in argv[: argv.index("--")] if "--" in argv else "--dry-run" in argv
+    head = argv[: argv.index("--")] if "--" in argv else argv
     try:
+        if "--print-run-dir" in head:
+            print(_print_run_dir(argv), flush=True)
+            return 0
         cmd, env = build(argv)
     except (LaunchError, ValueError) as err:
         print(f"hai-launch: error: {err}", file=sys.stderr, flush=True)
         return 2
     print(render(cmd, env), flush=True)
-    if dry_run:
+    if "--dry-run" in head:
         return 0
+    if "TORCH_FR_DUMP_TEMP_FILE" in env:  # torch writes the dumps there but does not create the directory
+        Path(env["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
     os.execve(cmd[0], cmd, {**os.environ, **env})
     return 1  # not reached: execve replaces this process or raises
+
+
+def _print_run_dir(argv: list[str]) -> str:
+    """--print-run-dir: `planned_run_dir` of the trainer's overrides in `argv` (empty when it cannot be known)."""
+    args, overrides = _parse(argv)
+    _, cfg = launch_config(args, overrides)
+    return planned_run_dir(cfg, overrides) or ""
 
 
 if __name__ == "__main__":

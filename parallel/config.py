@@ -32,6 +32,9 @@ class ParallelConfig(Config):
     gpus_per_node: int = 8  # ranks per (simulated) node; node-limited routing uses the nodes of the EP group
     dispatch: Dispatch = Dispatch("flat")  # expert all-to-all: flat | hierarchical (across nodes once, then inside)
     timeout_s: int = 120  # collective timeout in seconds: a failed rank ends the job within it
+    # timeout in seconds of the checkpoint's own process group, whose ranks wait while every rank writes or reads
+    # its shard of a save or a resume (5-10 GB a rank for 671B on 2048 ranks)
+    checkpoint_timeout_s: int = 1800
     schedule: ScheduleName = ScheduleName("1f1b")  # 1f1b | zb1p | dualpipe | dualpipev (parallel/pipeline/schedule.py)
     # micro-batches per step and pipeline; null derives them from the global batch (trainer.global_batch_size, or
     # hai-plan's --global-batch) / (micro-batch x DP); when set, the global batch must be that product
@@ -54,9 +57,10 @@ class ParallelConfig(Config):
 
     def validate(self, world_size: int = 1) -> ParallelConfig:
         """The arithmetic of the grid and the schedule's rules that do not depend on the batch."""
-        for name in ("pp", "ep", "gpus_per_node", "timeout_s"):
+        for name in ("pp", "ep", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        self._check_timeouts()
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         if world_size % self.pp:
@@ -85,6 +89,15 @@ class ParallelConfig(Config):
                               f"must fit inside one node or fill whole nodes; choose ep among {_divisors(gpn)} "
                               f"or a multiple of {gpn}")
         return self
+
+    def _check_timeouts(self) -> None:
+        for name in ("timeout_s", "checkpoint_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"parallel.{name}={value!r}: must be a whole number of seconds >= 1")
+            if value < 1:
+                raise ConfigError(f"parallel.{name}: must be >= 1, got {value}; give the seconds a collective may "
+                                  "wait before the job stops")
 
     def pipeline_schedule(self) -> Schedule:
         """The schedule object of parallel.schedule over parallel.pp (its pp rules checked)."""

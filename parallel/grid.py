@@ -174,11 +174,11 @@ def _group(kind: str) -> property:
 
 @dataclass(frozen=True)
 class ProcessGrid(GridLayout):
-    """A `GridLayout` with this process's groups: `<kind>_group` for the kinds dp, pp, ep, ep_bwd, edp, mirror and
-    embed (`embed_group` is None on middle pipeline positions; every group is None in a one-process run), the
-    pipeline `schedule` the grid was built for and its p2p `channels` (this rank's 2-rank group per channel, keyed
-    in pipeline positions), the backend ("nccl", "gloo", or None without a process group) and the device every
-    tensor of this rank lives on."""
+    """A `GridLayout` with this process's groups: `<kind>_group` for the kinds dp, pp, ep, ep_bwd, edp, mirror,
+    embed and checkpoint (every rank, `checkpoint_group`; `embed_group` is None on middle pipeline positions;
+    every group is None in a one-process run), the pipeline `schedule` the grid was built for and its p2p
+    `channels` (this rank's 2-rank group per channel, keyed in pipeline positions), the backend ("nccl", "gloo",
+    or None without a process group) and the device every tensor of this rank lives on."""
 
     backend: str | None = None
     device: torch.device = torch.device("cpu")
@@ -193,6 +193,7 @@ class ProcessGrid(GridLayout):
     edp_group = _group("edp")
     mirror_group = _group("mirror")
     embed_group = _group("embed")
+    checkpoint_group = _group("checkpoint")
 
     @property
     def is_main(self) -> bool:
@@ -231,10 +232,15 @@ class ProcessGrid(GridLayout):
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timeout)
         options = {"ep": nccl_options(cfg.a2a_sms, place.type), "ep_bwd": nccl_options(cfg.a2a_sms, place.type)}
-        groups = {kind: _new_groups(getattr(layout, f"{kind}_groups")(), rank, timeout, backend, options.get(kind))
-                  for kind in ("dp", "pp", "ep", "edp", "mirror", "embed")}
-        groups["ep_bwd"] = _new_groups(layout.ep_groups(), rank, timeout, backend, options["ep_bwd"])
-        channels = new_channel_groups(schedule, layout.pp_groups(), rank, P2P_BACKENDS[place.type], timeout)
+        # a real backend names groups by creation order, so every rank creates every group; the dry run's fake
+        # one needs only this rank's (10K groups at 2048 ranks would cost a second per rank of `--rank all`)
+        alone = backend == "fake"
+        groups = {kind: _new_groups(getattr(layout, f"{kind}_groups")(), rank, timeout, backend, options.get(kind),
+                                    alone) for kind in ("dp", "pp", "ep", "edp", "mirror", "embed")}
+        groups["ep_bwd"] = _new_groups(layout.ep_groups(), rank, timeout, backend, options["ep_bwd"], alone)
+        groups["checkpoint"] = checkpoint_group(cfg.checkpoint_timeout_s, place.type)
+        channels = new_channel_groups(schedule, layout.pp_groups(), rank, P2P_BACKENDS[place.type], timeout,
+                                      members_only=alone)
         warm_up(channels, layout.pp_ranks, place)
         return cls(**_fields(layout), backend=dist.get_backend(), device=place, schedule=schedule, groups=groups,
                    channels=channels)
@@ -260,8 +266,9 @@ def _fields(layout: GridLayout) -> dict:
     return {f.name: getattr(layout, f.name) for f in fields(GridLayout)}
 
 
-BACKENDS = {"cuda": "cuda:nccl,cpu:gloo", "cpu": "gloo"}  # by device type (ProcessGrid.build says why)
-P2P_BACKENDS = {"cuda": "nccl", "cpu": "gloo"}  # the pipeline's channels carry device tensors only
+# by device type (ProcessGrid.build says why); "meta" is the dry run's: torch's fake group, which moves no data
+BACKENDS = {"cuda": "cuda:nccl,cpu:gloo", "cpu": "gloo", "meta": "fake"}
+P2P_BACKENDS = {"cuda": "nccl", "cpu": "gloo", "meta": "fake"}  # the pipeline's channels carry device tensors only
 
 
 def nccl_options(a2a_sms: int | None, device_type: str) -> object | None:
@@ -275,11 +282,21 @@ def nccl_options(a2a_sms: int | None, device_type: str) -> object | None:
     return options
 
 
+def checkpoint_group(timeout_s: int, device_type: str) -> dist.ProcessGroup:
+    """Every rank with the long parallel.checkpoint_timeout_s, for the coordination of checkpoints
+    (trainer/checkpoint.py): its ranks wait while every rank writes or reads its shard (minutes at 2048 ranks of
+    671B), which parallel.timeout_s must not cut short. Gloo alone on CPUs and GPUs: it carries host bytes only."""
+    backend = "gloo" if device_type in ("cpu", "cuda") else BACKENDS[device_type]
+    return dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
 def _new_groups(groups: list[list[int]], rank: int, timeout: timedelta, backend: str,
-                options: object | None = None) -> dist.ProcessGroup | None:
+                options: object | None = None, members_only: bool = False) -> dist.ProcessGroup | None:
     mine = None
     extra = {"pg_options": options} if options is not None else {}
     for ranks in groups:  # every rank creates every group, in the same order
+        if members_only and rank not in ranks:
+            continue
         group = dist.new_group(ranks, timeout=timeout, backend=backend, **extra)
         if rank in ranks:
             mine = group
@@ -298,7 +315,10 @@ def device_type(name: str, cuda: bool | None = None) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """trainer.device: auto (this rank's GPU, LOCAL_RANK, when CUDA is available, else the CPU), cpu or cuda."""
+    """trainer.device: auto (this rank's GPU, LOCAL_RANK, when CUDA is available, else the CPU), cpu or cuda; and
+    "meta" for hai-plan's dry run (launch/dryrun.py: shapes only, over torch's fake process group)."""
+    if name == "meta":
+        return torch.device("meta")
     if device_type(name) == "cpu":
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -22,11 +22,17 @@ ZeRO-1's flat shards, which cut across parameter boundaries at arbitrary offsets
 The format here is safetensors (a field library) plus a JSON index.
 
 Atomicity (all ranks must see `run_dir`, as on a cluster's shared file system): rank 0 creates
-`step_<8-digit step>.tmp-<pid>`; every rank writes and fsyncs its file there; rank 0 gathers the indexes,
-checks the coverage, writes meta.json, renames the directory into place and only then moves `latest`
-(write, fsync, rename). A crash or an error on any rank at any point leaves the previous checkpoint readable
-and raises on every rank; `latest_checkpoint` checks that the directory it returns is complete and otherwise
-falls back to the newest complete one. Only safetensors and JSON are read back, so loading never executes code.
+`step_<8-digit step>.tmp-<pid>`; every rank writes and fsyncs its file there, with its piece index in the file's
+safetensors header; rank 0 reads the indexes back from the files, checks the coverage, writes meta.json, renames
+the directory into place and only then moves `latest` (write, fsync, rename). A crash or an error on any rank at
+any point leaves the previous checkpoint readable and raises on every rank; `latest_checkpoint` checks that the
+directory it returns is complete and otherwise falls back to the newest complete one. Only safetensors and JSON
+are read back, so loading never executes code.
+
+At scale (2048 ranks). Ranks agree through byte broadcasts and fixed-size all-reduces on one process group (the
+grid's checkpoint group, with the long parallel.checkpoint_timeout_s), never by gathering Python objects: a save
+gathers nothing in memory, and a load (`open_checkpoint`) has rank 0 alone read and check the index and every
+file's size, then broadcast it, so any other rank opens only the files holding the ranges it reads.
 """
 
 from __future__ import annotations
@@ -37,11 +43,12 @@ import os
 import random
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -51,6 +58,7 @@ from safetensors.torch import save_file
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
+INDEX_KEY = "hai_index"  # the safetensors header entry holding its file's piece index
 FORMAT = 2
 # memory savers (paper 3.2.3) and the expert-GEMM backend: the same weights, so a checkpoint may switch them
 RUNTIME_ONLY_FIELDS = ("recompute_norm", "recompute_mla_up_proj", "expert_gemm")
@@ -82,6 +90,97 @@ class Shard:
         return self.start + self.data.numel()
 
 
+# ---------------------------------------------------------------------------------------------- coordination
+# (a `group` below spans every rank; None is the default group)
+
+
+def _world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group), dist.get_rank(group)
+    return 1, 0
+
+
+def _device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where coordination tensors live: the host, unless the group is NCCL alone (the grid's groups carry gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_bytes(data: bytes | None, src: int, group: dist.ProcessGroup | None) -> bytes:
+    """`data` of rank `src` (group rank) on every rank: its length, then the bytes, as two tensor broadcasts."""
+    device = _device(group)
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=device)
+    dist.broadcast(size, group=group, group_src=src)
+    if data is not None:
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, group=group, group_src=src)
+    return buffer.cpu().numpy().tobytes()
+
+
+def _failure(err: BaseException, where: str = "") -> dict[str, str]:
+    """An exception as it travels between ranks: its kind (ValueError for a wrong argument, CheckpointError for
+    anything else) and its message, which names the cause of an unexpected error."""
+    kind = "ValueError" if isinstance(err, ValueError) and not isinstance(err, CheckpointError) else "CheckpointError"
+    text = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
+    return {"kind": kind, "message": where + text}
+
+
+def _raise(failure: dict[str, str], cause: BaseException | None) -> NoReturn:
+    """Raise a travelling error: a ValueError or CheckpointError with its message; on a rank whose own `cause`
+    was unexpected (neither a ValueError nor an OSError), that exception itself, with its traceback."""
+    if cause is not None and not isinstance(cause, (ValueError, OSError)):
+        raise cause
+    raise (ValueError if failure["kind"] == "ValueError" else CheckpointError)(failure["message"]) from cause
+
+
+def agree_on_rank0(compute: Callable[[], Any], group: dist.ProcessGroup | None = None) -> Any:
+    """Collective: run `compute` on rank 0 alone and return its JSON-serialisable result on every rank. An
+    exception there is raised on every rank with the same type and message (ValueError, or CheckpointError for
+    the rest; `_raise`), so that no rank waits out the timeout for a result that never comes."""
+    world, rank = _world(group)
+    outcome, cause = None, None
+    if rank == 0:
+        try:
+            outcome = {"ok": compute()}
+        except Exception as err:  # any error: the other ranks are waiting for this outcome
+            outcome, cause = _failure(err), err
+    if world > 1:
+        payload = _broadcast_bytes(json.dumps(outcome).encode() if rank == 0 else None, 0, group)
+        outcome = outcome if rank == 0 else json.loads(payload)
+    if "ok" in outcome:
+        return outcome["ok"]
+    _raise(outcome, cause)
+
+
+def raise_if_any_failed(error: BaseException | None, group: dist.ProcessGroup | None = None,
+                        where: str = "") -> None:
+    """Collective: when any rank passes an `error`, raise on every rank the error of the lowest such rank (its
+    type, `where` + its message, and how many ranks failed); return when none did. Who failed travels as a
+    fixed-size all-reduce, the message as one broadcast from that rank."""
+    world, rank = _world(group)
+    if world == 1:
+        if error is not None and not where:
+            raise error  # nothing to add: the error itself, as it was raised
+        if error is not None:
+            _raise(_failure(error, where), error)
+        return
+    failed = torch.zeros(world, dtype=torch.int32, device=_device(group))
+    failed[rank] = int(error is not None)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    ranks = failed.nonzero().flatten().tolist()
+    if not ranks:
+        return
+    mine = json.dumps(_failure(error, where)).encode() if rank == ranks[0] else None
+    failure = json.loads(_broadcast_bytes(mine, ranks[0], group))
+    if len(ranks) > 1:
+        shown = ", ".join(map(str, ranks[:8])) + (", ..." if len(ranks) > 8 else "")
+        failure["message"] += f" ({len(ranks)} ranks failed: {shown})"
+    _raise(failure, error)
+
+
 # ---------------------------------------------------------------------------------------------------- writing
 
 
@@ -97,102 +196,90 @@ def ensure_writable(run_dir: Path) -> None:
                               "with trainer.run_dir=<path> or fix its permissions") from err
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _agree(world: int, value: Any) -> Any:
-    """Rank 0's value on every rank (a no-op in one process)."""
-    if world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _raise_if_error(outcome: Any) -> Any:
-    """Outcomes travel between ranks as ("ok", value) or (exception class name, message)."""
-    kind, value = outcome
-    if kind == "ok":
-        return value
-    raise (ValueError if kind == "ValueError" else CheckpointError)(value)
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor | Shard]], meta: dict,
-                    keep: int) -> Path:
+                    keep: int, group: dist.ProcessGroup | None = None) -> Path:
     """Write checkpoint `step` from every rank's pieces, atomically; return its path. Collective: with
-    torch.distributed initialised, every rank calls it (with its own `tensors`; rank 0's `meta` is written).
+    torch.distributed initialised, every rank of `group` (all ranks; None: the default group) calls it with its
+    own `tensors`; rank 0's `meta` is written.
 
     `tensors` is group -> global name -> a `Shard` this rank writes (or a whole tensor). Across ranks the pieces
     of each name must agree on shape and dtype and cover it exactly once; otherwise nothing is published and
     every rank raises. `meta` must be JSON-serialisable; it goes to meta.json with the step, the files and the
     index. Saving a step that exists replaces it. Afterwards only the newest `keep` complete checkpoints remain
     (`latest` is always one of them) and temporary directories of dead writers are removed.
+
+    Each rank writes its piece index into its own file's header; rank 0 assembles meta.json from the files (a
+    header and a size per rank), so nothing of every rank is gathered in memory.
     """
-    world, rank = _world()
+    world, rank = _world(group)
     root = Path(run_dir) / CHECKPOINTS
     name = f"step_{step:08d}"
-    tmp = root / f"{name}.tmp-{os.getpid()}"
-    if rank == 0:
-        try:
-            if keep < 1:
-                raise ValueError(f"keep={keep}: at least the checkpoint just written must be kept")
-            if "files" in meta or "tensors" in meta or meta.get("step", step) != step:
-                raise ValueError(f"meta may not hold 'files' or 'tensors' and its 'step' must equal step={step}")
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            outcome = ("ok", tmp)
-        except (ValueError, OSError) as err:
-            outcome = (type(err).__name__, str(err))
-    tmp = _raise_if_error(_agree(world, outcome if rank == 0 else None))
-
+    tmp = Path(agree_on_rank0(lambda: str(_prepare(root, name, step, meta, keep)), group))
+    error = None
     try:
-        written = ("ok", _write_pieces(tmp, f"rank_{rank:05d}.safetensors", tensors))
-    except (ValueError, OSError, RuntimeError) as err:
-        written = (type(err).__name__, f"rank {rank}: {err}")
-    everyone = [None] * world
-    if world == 1:
-        everyone = [written]
-    else:
-        dist.gather_object(written, everyone if rank == 0 else None, dst=0)
-
-    if rank == 0:
-        try:
-            failed = [w for w in everyone if w[0] != "ok"]
-            if failed:
-                raise (ValueError if failed[0][0] == "ValueError" else CheckpointError)(
-                    "; ".join(w[1] for w in failed))
-            files = {file: size for _, (file, size, _) in everyone}
-            index = _merge_indexes([idx for _, (_, _, idx) in everyone])
-            record = {**meta, "format": FORMAT, "step": step, "files": files, "tensors": index}
-            try:
-                text = json.dumps(record, indent=1)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"checkpoint meta is not JSON-serialisable: {err}") from err
-            _write_durable(tmp / META, text.encode())
-            _fsync_dir(tmp)
-            final = _move_into_place(tmp, root / name)
-            _write_durable(root / f"{LATEST}.tmp-{os.getpid()}", (name + "\n").encode())
-            os.replace(root / f"{LATEST}.tmp-{os.getpid()}", root / LATEST)
-            _fsync_dir(root)
-            _prune(root, keep)
-            outcome = ("ok", final)
-        except (ValueError, OSError) as err:
+        _write_pieces(tmp, _rank_file(rank), tensors)
+    except Exception as err:  # reported to every rank below
+        error = err
+    try:
+        raise_if_any_failed(error, group, where=f"rank {rank}: ")
+    except Exception:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            outcome = (type(err).__name__, str(err))
-    return _raise_if_error(_agree(world, outcome if rank == 0 else None))
+        raise
+    return Path(agree_on_rank0(lambda: str(_publish(tmp, root / name, step, meta, world, keep)), group))
+
+
+def _prepare(root: Path, name: str, step: int, meta: dict, keep: int) -> Path:
+    """Rank 0: check the arguments and create the empty temporary directory every rank writes into."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least the checkpoint just written must be kept")
+    if "files" in meta or "tensors" in meta or meta.get("step", step) != step:
+        raise ValueError(f"meta may not hold 'files' or 'tensors' and its 'step' must equal step={step}")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint meta is not JSON-serialisable: {err}") from err
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, final: Path, step: int, meta: dict, world: int, keep: int) -> Path:
+    """Rank 0, once every rank wrote its file: merge the indexes in the files' headers, check the coverage, write
+    meta.json, rename the directory into place, move `latest`, prune. On an error the temporary is removed."""
+    root = final.parent
+    try:
+        files, indexes = {}, []
+        for rank in range(world):
+            path = tmp / _rank_file(rank)
+            files[path.name] = path.stat().st_size
+            indexes.append(_read_index(path))
+        record = {**meta, "format": FORMAT, "step": step, "files": files, "tensors": _merge_indexes(indexes)}
+        _write_durable(tmp / META, json.dumps(record, indent=1).encode())
+        _fsync_dir(tmp)
+        final = _move_into_place(tmp, final)
+        _write_durable(root / f"{LATEST}.tmp-{os.getpid()}", (final.name + "\n").encode())
+        os.replace(root / f"{LATEST}.tmp-{os.getpid()}", root / LATEST)
+        _fsync_dir(root)
+        _prune(root, keep)
+        return final
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _write_pieces(directory: Path, file: str, tensors: dict[str, dict[str, torch.Tensor | Shard]],
-                  ) -> tuple[str, int, dict]:
-    """Write this rank's pieces as one safetensors file, fsynced; return (file, bytes, its index)."""
+def _write_pieces(directory: Path, file: str, tensors: dict[str, dict[str, torch.Tensor | Shard]]) -> None:
+    """Write this rank's pieces as one safetensors file, fsynced, with their index in its header."""
     copies, index = {}, {}
     for group, named in tensors.items():
         if not _GROUP.fullmatch(group):
@@ -209,11 +296,20 @@ def _write_pieces(directory: Path, file: str, tensors: dict[str, dict[str, torch
             index.setdefault(group, {})[name] = {"shape": list(piece.shape), "dtype": _dtype_name(piece.data.dtype),
                                                  "pieces": [[file, key, piece.start, piece.end]]}
     path = directory / file
-    save_file(copies, str(path), metadata={"format": "pt"})
+    save_file(copies, str(path), metadata={"format": "pt", INDEX_KEY: json.dumps(index)})
     # safetensors creates files as 0600; give them the umask's mode, as the directory got, for other readers
     os.chmod(path, directory.stat().st_mode & 0o666)
     _fsync_file(path)
-    return file, path.stat().st_size, index
+
+
+def _read_index(path: Path) -> dict:
+    """The piece index a rank wrote into the header of its file (`_write_pieces`)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[INDEX_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: no readable piece index in its header ({err}); the rank that wrote it "
+                              "failed or another program replaced it, so this save is not published") from err
 
 
 def _merge_indexes(indexes: list[dict]) -> dict:
@@ -399,23 +495,34 @@ class CheckpointReader:
     """Reads a checkpoint of any layout: whole tensors, or just a range of one (what a rank of another layout
     owns), from the files that hold it, without reading the rest. Only JSON and safetensors are parsed."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any] | None = None) -> None:
+        """Resolve `path`, read its meta.json and check that every file is there with its recorded size; with
+        `meta` (a checkpoint directory's index already read and checked, as `open_checkpoint` hands it to the
+        ranks other than 0) no file is touched until a range is read."""
+        self._fix = ("the checkpoint is damaged; resume from another step_* directory (trainer.resume=<path>) or "
+                     "delete it")
+        self._open: dict[str, Any] = {}
+        if meta is not None:
+            self.path, self.meta = Path(path), meta
+            return
         self.path = resolve_checkpoint(path)
         self.meta = _read_meta(self.path)
         if self.meta.get("format") != FORMAT or not isinstance(self.meta.get("tensors"), dict):
             raise CheckpointError(f"{self.path / META}: checkpoint format {self.meta.get('format')!r}, this version "
                                   f"reads format {FORMAT} (sharded, with a tensor index); resume it with the "
                                   "version that wrote it, or start anew (trainer.resume=null)")
-        fix = "the checkpoint is damaged; resume from another step_* directory (trainer.resume=<path>) or delete it"
         for file, size in self.meta["files"].items():
-            found = self.path / file
-            if not found.is_file():
-                raise CheckpointError(f"{found}: missing; {fix}")
-            if found.stat().st_size != size:
-                raise CheckpointError(f"{found}: {found.stat().st_size} bytes, meta.json recorded {size} "
-                                      f"(truncated?); {fix}")
-        self._fix = fix
-        self._open: dict[str, Any] = {}
+            self._check_size(self.path / file, size)
+
+    def _check_size(self, path: Path, size: int) -> None:
+        try:
+            found = path.stat()  # one metadata call per file
+        except FileNotFoundError:
+            found = None
+        if found is None or not stat.S_ISREG(found.st_mode):
+            raise CheckpointError(f"{path}: missing; {self._fix}")
+        if found.st_size != size:
+            raise CheckpointError(f"{path}: {found.st_size} bytes, meta.json recorded {size} (truncated?); {self._fix}")
 
     @property
     def groups(self) -> list[str]:
@@ -467,6 +574,24 @@ class CheckpointReader:
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{self.path / file}: not a readable safetensors file or lacks {key!r} "
                                   f"({err}); {self._fix}") from err
+
+
+def open_checkpoint(path: Path, group: dist.ProcessGroup | None = None,
+                    check: Callable[[dict[str, Any]], None] | None = None) -> CheckpointReader:
+    """A `CheckpointReader` on every rank of `group` (collective; None: the default group, or one process).
+
+    Rank 0 alone resolves `path`, reads meta.json, checks every file's size and runs `check(meta)` (e.g.
+    `check_compatible`); the index goes to the other ranks as one broadcast of bytes, so a rank touches only the
+    files holding the ranges it reads, and an error rank 0 finds is raised on every rank with the same message.
+    """
+    def checked() -> dict[str, Any]:
+        reader = CheckpointReader(path)
+        if check is not None:
+            check(reader.meta)
+        return {"path": str(reader.path), "meta": reader.meta}
+
+    found = agree_on_rank0(checked, group)
+    return CheckpointReader(Path(found["path"]), found["meta"])
 
 
 def load_checkpoint(path: Path, groups: Iterable[str] | None = None,

@@ -157,10 +157,12 @@ def _name(c: Channel) -> str:
 
 
 def new_channel_groups(schedule: Schedule, pipelines: Sequence[Sequence[int]], rank: int, backend: str | None,
-                       timeout: timedelta | None = None) -> dict[Channel, dist.ProcessGroup]:
+                       timeout: timedelta | None = None,
+                       members_only: bool = False) -> dict[Channel, dist.ProcessGroup]:
     """Create one 2-rank group per channel of every pipeline (`pipelines[d][p]`: the global rank at pipeline
     position p of pipeline d), in the same order on every rank, and return this rank's, keyed by channel in
-    pipeline positions."""
+    pipeline positions. `members_only`: create only this rank's (torch's fake backend, whose groups need no
+    agreement on names)."""
     mine: dict[Channel, dist.ProcessGroup] = {}
     kwargs = {"backend": backend} if backend else {}
     if timeout is not None:
@@ -168,6 +170,8 @@ def new_channel_groups(schedule: Schedule, pipelines: Sequence[Sequence[int]], r
     for members in pipelines:
         for channel in channels(schedule):
             ranks = sorted({members[channel[0]], members[channel[1]]})
+            if members_only and rank not in ranks:
+                continue
             group = dist.new_group(ranks, **kwargs)
             if rank in ranks:
                 mine[channel] = group
