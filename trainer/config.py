@@ -90,10 +90,15 @@ class LoggingConfig(Config):
     wandb_project: str = "hai-llm"  # the W&B project of the run
     wandb_mode: WandbMode = WandbMode("offline")  # offline (default: nothing leaves the machine) | online
     plot: bool = True  # write loss.png into the run directory at the end
+    # steps between records that also hold every rank's value of each per-rank quantity (`per_rank` in
+    # metrics.jsonl, never W&B); every record holds their max, mean and argmax rank; 0 = never
+    per_rank_every: int = 100
 
     def validate(self) -> LoggingConfig:
         if self.log_every < 1:
             raise ConfigError(f"logging.log_every: must be >= 1, got {self.log_every}")
+        if self.per_rank_every < 0:
+            raise ConfigError(f"logging.per_rank_every: must be >= 0 (0 = never), got {self.per_rank_every}")
         return self
 
 
@@ -182,16 +187,22 @@ GROUPS = {"model": ModelConfig, "parallel": ParallelConfig, "fp8": FP8Config, "d
 ConfigStore.instance().store(name=SCHEMA, node=RunConfig)
 
 
-def load_config(cfg: DictConfig | dict[str, Any], world_size: int = 1) -> RunConfig:
-    """A resolved, validated RunConfig from a composed Hydra config or a plain mapping of groups (the `hydra`
-    node, if present, is ignored)."""
+def run_config(cfg: DictConfig | dict[str, Any], resolve: bool = True) -> RunConfig:
+    """A RunConfig from a composed Hydra config or a plain mapping of groups (the `hydra` node, if present, is
+    ignored), each group typed and checked by `from_dict`, the rules across groups not yet; `resolved()` unless
+    `resolve` is False."""
     values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     values.pop("hydra", None)
     unknown = sorted(set(values) - set(GROUPS))
     if unknown:
         raise ConfigError(f"unknown config group(s) {unknown}; known groups are {sorted(GROUPS)}")
     groups = {name: from_dict(cls, values.get(name) or {}, prefix=name) for name, cls in GROUPS.items()}
-    return RunConfig(**groups).resolved().validate(world_size)
+    return RunConfig(**groups).resolved() if resolve else RunConfig(**groups)
+
+
+def load_config(cfg: DictConfig | dict[str, Any], world_size: int = 1) -> RunConfig:
+    """A resolved, validated RunConfig (`run_config`, then `RunConfig.validate` for `world_size` processes)."""
+    return run_config(cfg).validate(world_size)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -8,12 +8,18 @@ average itself, `ema = decay * ema + (1 - decay) * param`, runs on one backgroun
 GIL in its kernels), overlapping the next step's forward. One update is in flight at most, which bounds
 memory to one snapshot; `wait()` joins it and every reader (`state_dict`, `copy_to`) waits first.
 
+Under ZeRO-1 a rank keeps only the ranges of the parameters its optimizer shard owns (`Optimizer.owned()`, the
+ranges it also writes to checkpoints, trainer/shards.py), so the EMA costs each rank about 1/DP of a full fp32
+copy; in one process (AdamW owns everything) it keeps everything. The whole average exists only in a checkpoint,
+as the pieces of all ranks (hai-export --ema assembles it).
+
 Only parameters are averaged; buffers such as the router biases are not (an export takes them from the
 model's own weights).
 """
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -21,17 +27,25 @@ from torch import nn
 
 
 class EMA:
-    """fp32 CPU shadow of every floating-point parameter of a model, named as in `model.named_parameters()`."""
+    """fp32 CPU shadow of the floating-point parameters of a model, named as in `model.named_parameters()`.
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    `owned`: name -> the range [start, end) of the flattened parameter this rank keeps (`Optimizer.owned()`);
+    parameters it does not name are not kept. None keeps every parameter whole. `shadow[name]` holds the kept
+    elements, flat."""
+
+    def __init__(self, model: nn.Module, decay: float, owned: dict[str, tuple[int, int]] | None = None) -> None:
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay} (trainer.ema_decay)")
         self.decay = decay
         params = _params(model)
-        self.shadow = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in params.items()}
+        self._names = frozenset(params)  # the model's, of which update() checks every later model
+        self.shapes = {n: p.shape for n, p in params.items() if owned is None or n in owned}
+        self.ranges = {n: (0, p.numel()) if owned is None else owned[n] for n, p in params.items() if n in self.shapes}
+        kept = self._kept(params)
+        self.shadow = {n: t.to("cpu", torch.float32, copy=True) for n, t in kept.items()}
         pin = torch.cuda.is_available() and any(p.is_cuda for p in params.values())
-        self._snapshot = {n: torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
-                          for n, p in params.items()}
+        self._snapshot = {n: torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+                          for n, t in kept.items()}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema")
         self._pending: Future | None = None
         self._stream: torch.cuda.Stream | None = None  # side stream of the device-to-host copies
@@ -41,9 +55,10 @@ class EMA:
         """Fold the model's current parameters into the average (call after each optimizer step)."""
         self.wait()  # the previous average has read the snapshot buffer, which is reused now
         params = _params(model)
-        if params.keys() != self.shadow.keys():
-            raise KeyError(f"EMA update: the model's parameters differ from the EMA's: {_diff(params, self.shadow)}")
-        copied = self._copy_to_snapshot(params)
+        if params.keys() != self._names:
+            raise KeyError(f"EMA update: the model's parameters differ from the EMA's: "
+                           f"{_diff(params, dict.fromkeys(self._names))}")
+        copied = self._copy_to_snapshot(self._kept(params))
         self._pending = self._pool.submit(self._average, copied)
 
     def wait(self) -> None:
@@ -52,27 +67,62 @@ class EMA:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged parameters (fp32, CPU): the live tensors, so copy them before changing them."""
+    @property
+    def whole(self) -> bool:
+        """Whether every kept parameter is kept whole (one process)."""
+        return all(self.ranges[n] == (0, s.numel()) for n, s in self.shapes.items())
+
+    def nbytes(self) -> int:
+        """Bytes of the average this rank keeps."""
+        return sum(t.nbytes for t in self.shadow.values())
+
+    def pieces(self) -> dict[str, tuple[int, torch.Tensor]]:
+        """The kept elements as (start, the live flat fp32 tensor of elements [start, end)), per parameter: the
+        form of `Optimizer.shards()`."""
         self.wait()
-        return dict(self.shadow)
+        return {n: (self.ranges[n][0], t) for n, t in self.shadow.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The kept parameters in their shapes (fp32, CPU): the live tensors where a parameter is kept whole (copy
+        them before changing them), else a fresh tensor that is NaN outside the kept range."""
+        self.wait()
+        out = {}
+        for name, shape in self.shapes.items():
+            a, z = self.ranges[name]
+            if (a, z) == (0, shape.numel()):
+                out[name] = self.shadow[name].view(shape)
+            else:
+                full = torch.full((shape.numel(),), math.nan, dtype=torch.float32, device="cpu")
+                full[a:z] = self.shadow[name]
+                out[name] = full.view(shape)
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load parameter-shaped tensors (e.g. read from a checkpoint of any layout), keeping this rank's ranges."""
         self.wait()
-        if state.keys() != self.shadow.keys():
-            raise KeyError(f"EMA state does not match the model's parameters: {_diff(state, self.shadow)}")
+        if state.keys() != self.shapes.keys():
+            raise KeyError(f"EMA state does not match the model's parameters: {_diff(state, self.shapes)}")
         for name, tensor in state.items():
-            if tensor.shape != self.shadow[name].shape:
+            if tensor.shape != self.shapes[name]:
                 raise ValueError(f"EMA state {name}: shape {tuple(tensor.shape)}, the model has "
-                                 f"{tuple(self.shadow[name].shape)}")
-            self.shadow[name].copy_(tensor)
+                                 f"{tuple(self.shapes[name])}")
+            a, z = self.ranges[name]
+            self.shadow[name].copy_(tensor.reshape(-1)[a:z])
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Overwrite the model's parameters with the average (cast to each parameter's dtype and device)."""
+        """Overwrite the model's parameters with the average (cast to each parameter's dtype and device); only an
+        EMA that keeps every parameter whole can."""
         self.wait()
+        if not self.whole or self.shapes.keys() != _params(model).keys():
+            raise ValueError("EMA.copy_to: this rank keeps only its ZeRO-1 ranges of the average; assemble the "
+                             "whole EMA from a checkpoint (hai-export --ema)")
         for name, param in _params(model).items():
-            param.copy_(self.shadow[name])
+            param.copy_(self.shadow[name].view(param.shape))
+
+    def _kept(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The kept elements of each kept parameter, as flat views."""
+        return {n: params[n].detach().reshape(-1)[a:z] for n, (a, z) in self.ranges.items()}
 
     def _copy_to_snapshot(self, params: dict[str, torch.Tensor]) -> torch.cuda.Event | None:
         cuda = [p for p in params.values() if p.is_cuda]

@@ -5,7 +5,9 @@
 
 The model is rebuilt from meta.json's config.model (the trainer stores RunConfig.to_dict() as meta["config"])
 and written in fp32, which holds bf16 and fp32 training weights exactly. With --ema the averaged parameters
-replace the trained ones; buffers (the router biases) come from the model group either way.
+replace the trained ones; buffers (the router biases) come from the model group either way. Each rank of a
+multi-rank run saved only its ZeRO-1 ranges of the EMA (trainer/ema.py); the checkpoint's index assembles every
+tensor from the pieces of all ranks (trainer/checkpoint.py: load_checkpoint), so the export is the whole average.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ def export(checkpoint: Path, out_dir: Path, ema: bool = False) -> tuple[Path, in
                                   "(e.g. 0.999) or export without --ema")
         averaged = load_checkpoint(path, groups=("ema",))[0]["ema"]
         extra = sorted(set(averaged) - set(state))
-        if extra:
-            raise CheckpointError(f"{path}: EMA tensors the model lacks: {extra[:10]}")
+        missing = sorted({n for n, _ in model.named_parameters()} - set(averaged))
+        if extra or missing:
+            raise CheckpointError(f"{path}: the EMA tensors do not fit the model: unexpected {extra[:10]}, "
+                                  f"missing {missing[:10]}; the checkpoint is damaged or was not written by "
+                                  "hai-train, export without --ema")
         state = {**state, **averaged}
     try:
         model.load_state_dict(state)

@@ -1,9 +1,13 @@
 """Training metrics: one JSON line per step in `<run_dir>/metrics.jsonl`, a compact console line, optional
-Weights & Biases (offline unless asked), GPU memory and utilisation from NVML, and loss.png at the end.
+Weights & Biases (offline unless asked), GPU memory and utilisation from NVML (read on every rank and summarised
+by trainer/reduce.py), and loss.png at the end.
 
 Records are written as given plus `"split": "train"` (or `"valid"` for `log_eval`); non-finite numbers
 become JSON null so that every line is standard JSON. A resumed run first drops the records written after
-its checkpoint, so the file reads as one consistent run.
+its checkpoint, so the file reads as one consistent run. W&B gets a record's numbers and the numbers of its
+dicts (e.g. `maxvio_layer/<layer>`), never lists: the per-rank lists (`per_rank`, every
+`logging.per_rank_every` steps) go to metrics.jsonl only, so that W&B's keys per step do not grow with the
+world size.
 """
 
 from __future__ import annotations
@@ -39,14 +43,14 @@ class Metrics:
         _truncate_after(self.path, resume_step)
         self._file = open(self.path, "a")
         self._step_times: deque[float] = deque(maxlen=ETA_WINDOW)
-        self._gpu = GpuMonitor.create()
         self._wandb = _start_wandb(cfg, self.run_dir, run_config) if cfg.wandb else None
         self._closed = False
 
     def log_step(self, record: dict[str, Any]) -> None:
         """One training step: `step, tokens, loss, lm_loss, mtp_loss, aux_loss, lr, grad_norm, maxvio,
-        step_time_s, tokens_per_s` and any extra keys (e.g. `maxvio_layer`, `skipped`)."""
-        record = {"split": "train", **record, **(self._gpu.read() if self._gpu else {})}
+        step_time_s, tokens_per_s` and any extra keys (e.g. `maxvio_layer`, `skipped`, the per-rank summaries
+        of trainer/reduce.py)."""
+        record = {"split": "train", **record}
         self._write(record)
         self._step_times.append(record["step_time_s"])
         step = record["step"]
@@ -82,17 +86,17 @@ class Metrics:
         loss = r.get("lm_loss", r["loss"])  # next-token loss, comparable with val_loss
         parts = [f"step {r['step']}/{self.total_steps}", f"loss {_fmt(loss)}", f"lr {r['lr']:.2e}",
                  f"{r['tokens_per_s']:,.0f} tok/s", f"maxvio {_fmt(r['maxvio'])}"]
-        if "gpu_mem_gb" in r:
-            parts.append(f"gpu {r['gpu_mem_gb']:.1f} GB {r['gpu_util']:.0f}%")
+        if isinstance(r.get("gpu_mem_gb_max"), float):  # the fullest rank's memory, the mean utilisation
+            parts.append(f"gpu {r['gpu_mem_gb_max']:.1f} GB {_fmt(r.get('gpu_util_mean'), '.0f')}%")
         if r.get("skipped"):
             parts.append("SKIPPED (non-finite)")
         parts.append(f"ETA {_duration(eta)}")
         return " | ".join(parts)
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, spec: str = ".4f") -> str:
     if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) else str(value)
+        return format(value, spec) if math.isfinite(value) else str(value)
     return "-" if value is None else str(value)
 
 
@@ -116,12 +120,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a record, nested keys joined by '/' (W&B plots scalars, not lists)."""
+    """Numeric leaves of a record's dicts, nested keys joined by '/'; lists are left out (see the module
+    docstring)."""
     out: dict[str, float] = {}
-    items = record.items() if isinstance(record, dict) else enumerate(record)
-    for key, value in items:
+    for key, value in record.items():
         name = f"{prefix}{key}"
-        if isinstance(value, (dict, list)):
+        if isinstance(value, dict):
             out.update(_flat_numbers(value, f"{name}/"))
         elif isinstance(value, (int, float)) and name != "step":
             out[name] = float(value)

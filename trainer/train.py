@@ -1,9 +1,11 @@
 """`hai-train`: the training loop, one path for every layout (DESIGN.md principle 5): one process is a grid of one
 rank and a pipeline of one stage.
 
-Building a run (`build`): the data of this DP rank; the whole model from the run's seed (the same on every rank);
-`parallel.parallelize` (pipeline stages, then expert parallelism, then the FP8 recipe, in that order); the model on
-the grid's device in the compute dtype with fp32 main gradients; the optimizer (AdamW in one process, ZeRO-1
+Building a run (`build`): the data of this DP rank; the whole model on the meta device (shapes, no memory);
+`parallel.parallelize` (pipeline stages, then expert parallelism, then the FP8 recipe, in that order) cuts it to
+this rank's part; that part is allocated on the grid's device and initialised from the run's seed, each tensor
+from a generator keyed by its global name (model/init.py: every layout starts from the single-process weights),
+in the compute dtype with fp32 main gradients; the optimizer (AdamW in one process, ZeRO-1
 otherwise); the checkpoint geometry of this rank.
 
 One optimizer step (paper 4.2):
@@ -41,8 +43,8 @@ from data import DataError
 from data.dataset import DataPipeline, build_data, check_vocab
 from fp8.gemm import check_backend
 from model import Transformer
-from model.init import materialize
 from model.grads import attach_main_grads
+from model.init import materialize
 from model.moe import Gate
 from optim.optimizer import Optimizer
 from optim.schedules import batch_size_at, bias_gamma_at, lr_at, mtp_lambda_at
@@ -110,11 +112,22 @@ class Run:
     balancer: BiasBalancer
 
 
-def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
-    configure_torch(cfg.trainer, grid.device)
-    torch.manual_seed(cfg.trainer.seed)
-    data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=grid.dp_rank, dp_size=grid.dp)
-    check_vocab(data.vocab_size, cfg.model.vocab_size)
+@dataclass
+class ModelPart:
+    """This rank's part of the model with its pipeline and optimizer, and the whole model's index."""
+
+    model: Transformer
+    pipeline: Pipeline
+    opt: Optimizer
+    shapes: dict[str, torch.Size]  # `model_index` of the whole model (the checkpoint's names and shapes)
+    params: set[str]
+
+
+def build_model(cfg: RunConfig, grid: ProcessGrid) -> ModelPart:
+    """The model part, pipeline and optimizer of this rank: the whole model on the meta device (shapes, no
+    memory), cut by `parallelize`, then only the kept part allocated on the grid's device and initialised
+    (model/init.py), in the compute dtype with fp32 main gradients. On a "meta" grid (hai-plan --dry-run)
+    nothing is allocated or initialised at all."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     shapes, params = model_index(model)
@@ -124,6 +137,16 @@ def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
     cast_for_compute(model, dtype)
     attach_main_grads(model.parameters())
     opt = build_optimizer(model, grid, pipeline, cfg.optim)
+    return ModelPart(model, pipeline, opt, shapes, params)
+
+
+def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
+    configure_torch(cfg.trainer, grid.device)
+    torch.manual_seed(cfg.trainer.seed)
+    data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=grid.dp_rank, dp_size=grid.dp)
+    check_vocab(data.vocab_size, cfg.model.vocab_size)
+    part = build_model(cfg, grid)
+    model, pipeline, opt, shapes, params = part.model, part.pipeline, part.opt, part.shapes, part.params
     balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=grid.dp_group,
                             replicas=pipeline.gate_replicas(), report_group=grid.pp_group if grid.pp > 1 else None,
                             all_gates=Transformer.gate_names(cfg.model), device=grid.device)
@@ -200,28 +223,29 @@ def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> Tra
     ensure_writable(run_dir)
     run = build(cfg, grid)
     state, reader = TrainState(), None
-    checkpoint = resume_from(cfg, run_dir)
+    checkpoint = resume_from(cfg, run_dir, grid)
     if checkpoint is not None:
         state, reader = restore(checkpoint, cfg, grid, run.shards, run.model, run.opt, run.data)
         if grid.is_main:
             print(f"resumed from {checkpoint} at step {state.step}", flush=True)
     # built after the restore, so that an EMA switched on at resume starts from the trained weights
-    ema = EMA(run.model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+    ema = EMA(run.model, cfg.trainer.ema_decay, owned=run.opt.owned()) if cfg.trainer.ema_decay else None
     if ema is not None and reader is not None and "ema" in reader.groups:
         run.shards.load_ema(ema, reader)
     metrics = Metrics(run_dir, cfg.logging, cfg.trainer.max_steps, cfg.to_dict(), resume_step=state.step) \
         if grid.is_main else _Quiet()
     valid = run.data.valid_batches(cfg.trainer.eval_batches, cfg.trainer.micro_batch_size) \
         if cfg.trainer.eval_every else []
+    rank_stats = reduce.RankStats(grid, run.model, run.pipeline, cfg.parallel.fabric is not None,
+                                  cfg.logging.per_rank_every)
     try:
         while state.step < cfg.trainer.max_steps:
             t0 = time.perf_counter()
             record = optimizer_step(cfg, grid, state, run, ema, run_dir)
-            times = reduce.gather(grid, time.perf_counter() - t0)
-            metrics.log_step({**record, "step_time_s": max(times), "step_time_rank_s": times,
-                              "tokens_per_s": record["tokens_in_step"] / max(times),
-                              **reduce.dispatch_stats(grid, run.model, cfg.parallel.fabric is not None),
-                              **reduce.pipeline_stats(grid, run.pipeline)})
+            ranks = rank_stats.collect(state.step, time.perf_counter() - t0)
+            step_time = ranks["step_time_s_max"]  # the step ends with its slowest rank
+            metrics.log_step({**record, "step_time_s": step_time,
+                              "tokens_per_s": record["tokens_in_step"] / step_time, **ranks})
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
                 metrics.log_eval(state.step, {"val_loss": evaluate(grid, run.pipeline, valid)})
             every = cfg.trainer.checkpoint_every

@@ -42,7 +42,7 @@ LAYOUTS = [  # world, overrides, global batch
     (2, ["parallel.pp=2", "parallel.schedule=dualpipev"], 8),
     # with the simulated fabric (parallel/fabric.py) on the all-to-all and the stage transfers: the same numbers
     (4, ["parallel.pp=2", "parallel.schedule=dualpipe", "parallel.ep=2", "parallel.gpus_per_node=2",
-         "parallel.fabric={intra_gbps:10,inter_gbps:1,latency_us:20}"], 8),
+         "parallel.fabric={intra_gbps:10,inter_gbps:1,latency_us:20}", "logging.per_rank_every=1"], 8),
     (4, ["parallel.pp=4", "parallel.schedule=dualpipev"], 8),
     (8, ["parallel.pp=4", "parallel.schedule=dualpipe", "parallel.ep=2", "parallel.gpus_per_node=4"], 16),
 ]
@@ -72,8 +72,9 @@ def test_pipeline_layouts_equal_the_single_process_run(tmp_path, world, override
 
         train_rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                       if r["split"] == "train"]
-        assert train_rows and all(len(r["all_to_all_link_rank_s"]) == world and min(r["all_to_all_link_rank_s"]) > 0
-                                  and len(r["all_to_all_wait_rank_s"]) == world for r in train_rows)
+        per_rank = [r["per_rank"] for r in train_rows]  # every step's per-rank lists (logging.per_rank_every=1)
+        assert per_rank and all(len(r["all_to_all_link_s"]) == world and min(r["all_to_all_link_s"]) > 0
+                                and len(r["all_to_all_wait_s"]) == world for r in per_rank)
     weights, ref_weights = load_checkpoint(run)[0]["model"], load_checkpoint(ref_run)[0]["model"]
     assert weights.keys() == ref_weights.keys()
     # Gradients summed in another order (the embedding's over two ranks, micro-batch by micro-batch) differ by

@@ -61,7 +61,7 @@ def test_train_fp8_on_one_gpu_with_ema_checkpoint_and_resume(tmp_path, smoke):
             f"data.cache_dir={cache}"], tmp_path)
     smoke["train_fp8_hopper"] = {"backend": backend, "first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
                                  "tokens_per_s_last": train[-1]["tokens_per_s"],
-                                 "gpu_mem_gb": train[-1].get("gpu_mem_gb")}
+                                 "gpu_mem_gb": train[-1].get("gpu_mem_gb_max")}
     smoke["train_bf16_3_steps_tokens_per_s"] = [r["tokens_per_s"] for r in _records(off) if r["split"] == "train"]
 
 

@@ -1,4 +1,5 @@
-"""EMA (trainer/ema.py) against a float64 reference, and hai-export (trainer/export.py) back through load_hf."""
+"""EMA (trainer/ema.py) against a float64 reference, whole and as ZeRO-1 ranges, and hai-export (trainer/export.py)
+back through load_hf. The multi-rank EMA and its export: tests/dist/test_ema_dist.py."""
 
 from __future__ import annotations
 
@@ -39,6 +40,38 @@ def test_ema_matches_float64_reference():
     assert torch.equal(model[0].weight, state["0.weight"])
     with pytest.raises(KeyError, match="missing"):
         restored.load_state_dict({"0.weight": state["0.weight"]})
+
+
+def test_ema_of_owned_ranges_equals_the_whole_ema_there():
+    """An EMA keeping ranges (as a ZeRO-1 rank: part of one parameter, all of another, none of a third) holds
+    exactly the whole EMA's values there, NaN elsewhere in its parameter-shaped state, and loads back only its
+    ranges."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    owned = {"0.weight": (5, 12), "0.bias": (0, 3)}
+    whole, part = EMA(model, 0.8), EMA(model, 0.8, owned=owned)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        whole.update(model)
+        part.update(model)
+    full, state = whole.state_dict(), part.state_dict()
+    assert state.keys() == owned.keys() and not part.whole and whole.whole
+    assert part.nbytes() == 4 * (7 + 3) and whole.nbytes() == 4 * sum(p.numel() for p in model.parameters())
+    assert torch.equal(state["0.bias"], full["0.bias"])
+    flat = state["0.weight"].reshape(-1)
+    assert torch.equal(flat[5:12], full["0.weight"].reshape(-1)[5:12]) and flat[:5].isnan().all()
+    assert flat[12:].isnan().all() and state["0.weight"].shape == (3, 4)
+    assert {n: (a, t.numel()) for n, (a, t) in part.pieces().items()} == {"0.weight": (5, 7), "0.bias": (0, 3)}
+
+    restored = EMA(model, 0.8, owned=owned)
+    restored.load_state_dict({n: full[n].clone() for n in owned})  # e.g. read from a checkpoint of another layout
+    assert all(torch.equal(restored.pieces()[n][1], t) for n, (_, t) in part.pieces().items())
+    with pytest.raises(ValueError, match="hai-export --ema"):
+        part.copy_to(model)
+    with pytest.raises(KeyError, match="differ"):
+        part.update(torch.nn.Sequential(torch.nn.Linear(4, 3)))
 
 
 def write_checkpoint(run_dir, with_ema: bool):
@@ -90,3 +123,14 @@ def test_export_errors_exit_2_naming_the_path(tmp_path, capsys):
     assert export_main([str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     assert str(model_file) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_of_an_incomplete_ema_names_the_missing_tensors(tmp_path, capsys):
+    cfg = small_config()
+    model = Transformer(cfg)
+    ema = {n: t for n, t in EMA(model, 0.5).state_dict().items() if n != "embed.weight"}
+    meta = {"config": RunConfig(model=cfg).to_dict(), "layout": {"pp": 1, "ep": 1, "dp": 1}}
+    save_checkpoint(tmp_path / "run", 10, {"model": model.state_dict(), "ema": ema}, meta, keep=1)
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out"), "--ema"]) == 2
+    err = capsys.readouterr().err
+    assert "missing ['embed.weight']" in err and "export without --ema" in err
