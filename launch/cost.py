@@ -88,6 +88,13 @@ class Layout:
     fp8: bool  # price the paper's FP8 recipe (3.3): FP8 GEMM weights, cached inputs and dispatch
     dispatch: str = "hierarchical"  # flat | hierarchical (parallel.dispatch)
     stage_layers: tuple[int, ...] | None = None  # parallel.stage_layers
+    moment_bytes: int = BF16  # bytes of one AdamW moment (optim.moment_dtype; the paper's bf16)
+    compute_bytes: int = BF16  # bytes of a compute weight (trainer.dtype: bf16 on GPUs)
+
+    @property
+    def optimizer_bytes(self) -> int:
+        """ZeRO-1 state per parameter before sharding: the fp32 master and the two moments."""
+        return FP32 + 2 * self.moment_bytes
 
     @property
     def pipeline(self) -> Schedule:
@@ -104,6 +111,7 @@ class Part:
 
     dense: int = 0  # parameters every EP rank holds
     expert: int = 0  # routed-expert parameters, all experts (an EP rank holds 1/EP of them)
+    router: int = 0  # of the dense ones, the router weights, which stay fp32 (paper 3.3)
     fp8_weights: int = 0  # of those, the GEMM weights an FP8 recipe stores in FP8 (not embedding, head, router, norms)
     fp8_flops: float = 0.0  # forward FLOPs per token of GEMMs an FP8 recipe runs in FP8
     bf16_flops: float = 0.0  # forward FLOPs per token of GEMMs kept in BF16: output head, router
@@ -140,6 +148,7 @@ def model_parts(cfg: ModelConfig, seq_len: int, fp8: bool) -> dict[str, Part]:
             part.fp8_flops += 2 * m.weight.numel() * active
         elif isinstance(m, Gate):
             part.bf16_flops += 2 * m.weight.numel()
+            part.router += m.weight.numel()
         elif isinstance(m, Linear) and name == "head":
             part.bf16_flops += 2 * m.weight.numel() * (1 + cfg.n_mtp_depth)
         elif isinstance(m, Linear):
@@ -258,12 +267,13 @@ class RankMemory:
     stages: list[StageSpec]
     dense: int  # dense parameters held (DualPipe: both stages)
     expert: int  # routed-expert parameters held (this EP rank's E/EP experts)
-    weights: float  # compute copy: BF16, or FP8 + block scales for GEMM weights under FP8
+    weights: float  # the parameters as the model holds them: compute dtype, the router fp32
     grads: float  # fp32 main gradients of every parameter held (paper 3.3), not sharded under ZeRO-1
-    optimizer: float  # fp32 master + two bf16 moments, dense over DP, experts over DP / EP
+    optimizer: float  # fp32 master + two moments, dense over DP, experts over DP / EP
     activations: float  # peak over the schedule of the live chunks' activations
     live_chunks: int  # chunks (stage x micro-batch) alive at that peak
     reserved: float
+    fp8_cache: float = 0.0  # under FP8: the GEMM weights quantised once per step (E4M3 + 128x128 block scales)
 
     @property
     def params(self) -> int:
@@ -271,7 +281,7 @@ class RankMemory:
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.reserved
+        return self.weights + self.fp8_cache + self.grads + self.optimizer + self.activations + self.reserved
 
 
 def rank_memory(cfg: ModelConfig, parts: dict[str, Part], layout: Layout, rank: int, reserved: float) -> RankMemory:
@@ -282,16 +292,17 @@ def rank_memory(cfg: ModelConfig, parts: dict[str, Part], layout: Layout, rank: 
     held = [parts[name] for name in held_parts(specs, cfg.n_mtp_depth > 0)]
     dense = sum(p.dense for p in held)
     expert = sum(p.expert for p in held) // layout.ep
+    router = sum(p.router for p in held)
     fp8_dense = sum(p.fp8_weights - p.expert for p in held) if layout.fp8 else 0
     fp8_expert = expert if layout.fp8 else 0
-    weights = (fp8_dense + fp8_expert) * FP8_WEIGHT + (dense + expert - fp8_dense - fp8_expert) * BF16
-    optimizer = OPTIMIZER_BYTES * (dense / layout.dp + expert / (layout.dp // layout.ep))
+    weights = layout.compute_bytes * (dense - router + expert) + FP32 * router
+    optimizer = layout.optimizer_bytes * (dense / layout.dp + expert / (layout.dp // layout.ep))
     chunk = [sum(layout.tokens * parts[name].act_bytes + parts[name].act_fixed for name in stage_parts(spec))
              for spec in specs]
     actions = layout.pipeline.actions(rank, layout.microbatches)
     activations = peak_live_bytes(actions, chunk)
     return RankMemory(rank, specs, dense, expert, weights, FP32 * (dense + expert), optimizer, activations,
-                      peak_activations(actions), reserved)
+                      peak_activations(actions), reserved, FP8_WEIGHT * (fp8_dense + fp8_expert))
 
 
 # ---- expert all-to-all ------------------------------------------------------------------------------------------

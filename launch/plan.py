@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace
@@ -179,10 +180,12 @@ class Plan:
 
 
 def build_plan(model: ModelConfig, parallel: ParallelConfig, cluster: Cluster, fp8: bool = False,
-               seq_len: int | None = None, micro_batch: int = 1, global_batch: int | None = None) -> Plan:
+               seq_len: int | None = None, micro_batch: int = 1, global_batch: int | None = None,
+               moment_bytes: int = cost.BF16, compute_bytes: int = cost.BF16) -> Plan:
     """Validate the layout on the cluster (ConfigError / ScheduleError naming the field and the fix) and price it.
     `global_batch` None: parallel.microbatches x micro-batch x DP when parallel.microbatches is set, else the
-    paper's PAPER_BATCH."""
+    paper's PAPER_BATCH. `moment_bytes`, `compute_bytes`: bytes of an AdamW moment and of a compute weight (the
+    paper's bf16 unless a run's config says otherwise, as in the dry run)."""
     notes = []
     if parallel.gpus_per_node != cluster.gpus_per_node:
         notes.append(f"parallel.gpus_per_node={parallel.gpus_per_node} replaced by the cluster's "
@@ -208,7 +211,7 @@ def build_plan(model: ModelConfig, parallel: ParallelConfig, cluster: Cluster, f
         raise
     stage_layers = tuple(parallel.stage_layers) if parallel.stage_layers is not None else None
     layout = Layout(parallel.schedule, parallel.pp, dp, parallel.ep, microbatches, micro_batch * seq_len, fp8,
-                    parallel.dispatch, stage_layers)
+                    parallel.dispatch, stage_layers, moment_bytes, compute_bytes)
     parts = cost.model_parts(model, seq_len, fp8)
     ranks = [cost.rank_memory(model, parts, layout, r, cluster.reserved_gb * GB) for r in range(parallel.pp)]
     a2a = cost.all_to_all(model, layout, cluster)
@@ -249,9 +252,12 @@ def format_plan(plan: Plan, cluster_name: str) -> str:
         ("batch", f"{lay.microbatches * plan.micro_batch * lay.dp} sequences x {plan.seq_len} tokens = "
                   f"{plan.tokens_per_step / 1e6:.1f}M tokens per step; micro-batch {plan.micro_batch} sequence(s); "
                   f"{lay.microbatches} micro-batches per pipeline"),
-        ("precision", f"{gemm} GEMM weights and cached GEMM inputs; embedding, head, router, norms BF16"),
+        ("precision", f"weights held in BF16 (router fp32); {gemm} GEMMs" + (
+            " on a per-step FP8 copy of their weights (E4M3 + 128x128 block scales) and FP8-cached inputs"
+            if lay.fp8 else "") + "; embedding, head, router, norms BF16"),
         ("gradients", "fp32 main gradients of every parameter held (paper 3.3), not sharded (ZeRO-1)"),
-        ("optimizer", f"fp32 master + 2 bf16 AdamW moments = {cost.OPTIMIZER_BYTES} B/param; dense / DP {lay.dp}, "
+        ("optimizer", f"fp32 master + 2 AdamW moments of {lay.moment_bytes} B = {lay.optimizer_bytes} B/param; "
+                      f"dense / DP {lay.dp}, "
                       f"experts / expert-DP {edp}"),
         ("activations", f"paper 3.2.3 policy (recompute norms: {m.recompute_norm}, MLA up-projections: "
                         f"{m.recompute_mla_up_proj}); balanced expert load; chunks alive from each rank's action "
@@ -267,11 +273,12 @@ def format_plan(plan: Plan, cluster_name: str) -> str:
 
     cap = cl.gpu_memory_gb
     out += ["", f"memory per GPU, GB (1e9 bytes), every pipeline rank (one of its {lay.dp} DP replicas)",
-            f"{'rank':>4}  {'layers':<24}{'params':>8}{'weights':>9}{'grads':>8}{'optim':>8}"
+            f"{'rank':>4}  {'layers':<24}{'params':>8}{'weights':>9}{'fp8':>6}{'grads':>8}{'optim':>8}"
             f"{'activ':>8}{'live':>5}{'rsrv':>6}{'total':>8}  of {cap:g}"]
     for r in plan.ranks:
         out.append(f"{r.rank:>4}  {_layers(r, m.n_mtp_depth > 0):<24}{r.params / 1e9:>7.2f}B{r.weights / GB:>9.1f}"
-                   f"{r.grads / GB:>8.1f}{r.optimizer / GB:>8.1f}{r.activations / GB:>8.1f}{r.live_chunks:>5}"
+                   f"{r.fp8_cache / GB:>6.1f}{r.grads / GB:>8.1f}{r.optimizer / GB:>8.1f}{r.activations / GB:>8.1f}"
+                   f"{r.live_chunks:>5}"
                    f"{r.reserved / GB:>6.1f}{r.total / GB:>8.1f}  {'ok' if r.total <= cap * GB else 'OVER'}")
     h = plan.heaviest
     verdict = "fits" if plan.fits else "DOES NOT FIT"
@@ -324,7 +331,8 @@ def plan_json(plan: Plan) -> dict:
         "cluster": asdict(plan.cluster), "layout": asdict(plan.layout),
         "seq_len": plan.seq_len, "micro_batch": plan.micro_batch, "tokens_per_step": plan.tokens_per_step,
         "ranks": [{"rank": r.rank, "stages": [s.index for s in r.stages], "params": r.params, "dense": r.dense,
-                   "expert": r.expert, "weights": r.weights, "grads": r.grads, "optimizer": r.optimizer,
+                   "expert": r.expert, "weights": r.weights, "fp8_cache": r.fp8_cache, "grads": r.grads,
+                   "optimizer": r.optimizer,
                    "activations": r.activations, "live_chunks": r.live_chunks, "reserved": r.reserved,
                    "total": r.total} for r in plan.ranks],
         "fits": plan.fits, "all_to_all": asdict(plan.a2a), "stages": [asdict(s) for s in plan.stages],
@@ -355,7 +363,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=None,
                    help=f"sequences per step (default: parallel.microbatches x micro-batch x DP when that is set, "
                         f"else {PAPER_BATCH}, paper 4.2)")
-    p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    p.add_argument("--json", nargs="?", const="-", default=None,
+                   help="also write the numbers as JSON to this file (no file: to standard output); with "
+                        "--dry-run one JSON object per line per rank")
+    dry = p.add_argument_group("dry run (launch/dryrun.py)")
+    dry.add_argument("--dry-run", action="store_true",
+                     help="build ranks of the job for real on the meta device over torch's fake process group and "
+                          "hold what they allocate against the plan")
+    dry.add_argument("--world", type=int, help="ranks of the job (the cluster's GPUs by default)")
+    dry.add_argument("--rank", default="0", help="rank(s) to build: a number, a comma list, or all (default 0)")
+    dry.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                     help="processes building ranks in parallel (default: the CPU count)")
     return p
 
 
@@ -363,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = _parser().parse_intermixed_args(argv)
+        if args.json is not None and "=" in args.json:  # `--json model=...`: a bare --json before an override
+            args.overrides.append(args.json)
+            args.json = "-"
+        if args.dry_run:
+            return _dry_run(args)
         cfg = compose_config(args.overrides)
         model = model_config(OmegaConf.to_container(cfg.model, resolve=True))
         flags = {f.name: getattr(args, f.name) for f in fields(Cluster) if getattr(args, f.name) is not None}
@@ -376,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ScheduleError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
+    if args.json == "-":
+        print(json.dumps(plan_json(plan) if plan is not None else {"params": count_params(model)}, indent=1))
+        return 0
     print(report(model))
     if plan is None:
         print(f"\n(memory, communication and time: add --cluster {DEFAULT_CLUSTER.stem})")
@@ -383,8 +409,97 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_plan(plan, cluster_path(args.cluster).name))
     if args.json is not None:
-        args.json.write_text(json.dumps(plan_json(plan), indent=1))
+        Path(args.json).write_text(json.dumps(plan_json(plan), indent=1))
     return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """hai-plan --dry-run (launch/dryrun.py): reports per rank, a summary, exit 1 if a rank does not fit."""
+    import time
+
+    from core.config import torch_dtype
+    from launch import dryrun
+    from trainer.config import run_config
+
+    t0 = time.perf_counter()
+    cfg = run_config(compose_config(args.overrides), resolve=False)
+    flags = {f.name: getattr(args, f.name) for f in fields(Cluster) if getattr(args, f.name) is not None}
+    cluster = load_cluster(args.cluster, flags)
+    world = args.world if args.world is not None else cluster.gpus
+    cfg = dryrun.dry_run_config(cfg, world)
+    ranks = dryrun.parse_ranks(args.rank, world)
+    if cluster.gpus != world:
+        cluster = replace(cluster, gpus=world).validate()
+    plan = build_plan(cfg.model, cfg.parallel, cluster, cfg.fp8.enabled, args.seq_len, args.micro_batch,
+                      args.global_batch, moment_bytes=torch_dtype(cfg.optim.moment_dtype).itemsize,
+                      compute_bytes=torch_dtype(cfg.trainer.dtype).itemsize)
+    out = open(args.json, "w") if args.json not in (None, "-") else sys.stdout  # noqa: SIM115 (closed below)
+    reports, overflows = [], []
+    try:
+        if args.json is None:
+            print(_dry_header())
+        for r in dryrun.run(cfg, world, ranks, plan, args.workers):
+            reports.append(r)
+            if args.json is not None:
+                out.write(json.dumps(r.to_json()) + "\n")
+            elif len(ranks) <= 32:
+                print(_dry_line(r))
+            problem = dryrun.overflow(r, plan)
+            if problem is not None:
+                overflows.append(problem)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    summary = _dry_summary(cfg, reports, len(ranks) == world, time.perf_counter() - t0)
+    print(summary, file=sys.stderr if args.json == "-" else sys.stdout)
+    for problem in overflows[:10]:
+        print(f"error: {problem}", file=sys.stderr)
+    if len(overflows) > 10:
+        print(f"error: ... and {len(overflows) - 10} more ranks do not fit", file=sys.stderr)
+    return 1 if overflows else 0
+
+
+_MEASURED = ("param_bytes", "grad_bytes", "optimizer_bytes")
+
+
+def _dry_header() -> str:
+    return (f"{'rank':>5} {'pp':>3} {'dp':>4} {'ep':>3} {'edp':>3} {'held':>8} {'owned':>8}  "
+            + "  ".join(f"{k.split('_')[0] + ' GB':>16}" for k in _MEASURED) + f"  {'activ GB':>8}"
+            + "\n" + " " * 43 + "  ".join(f"{'measured/planned':>16}" for _ in _MEASURED) + f"  {'planned':>8}")
+
+
+def _dry_line(r) -> str:
+    cells = "  ".join(f"{r.__dict__[k] / GB:>7.2f}/{r.planned[k] / GB:<8.2f}" for k in _MEASURED)
+    return (f"{r.rank:>5} {r.pp_rank:>3} {r.dp_rank:>4} {r.ep_rank:>3} {r.edp_rank:>3} {_count(r.params_held):>8} "
+            f"{_count(r.params_owned):>8}  {cells}  {r.planned['activation_bytes'] / GB:>8.2f}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _rss_gb() -> float:
+    import resource
+
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1e6
+
+
+def _dry_summary(cfg, reports: list, every_rank: bool, seconds: float) -> str:
+    from launch.dryrun import expected_owned
+
+    worst = max((abs(r.__dict__[k] / r.planned[k] - 1) for r in reports for k in _MEASURED if r.planned[k]),
+                default=0.0)
+    heavy = max(reports, key=lambda r: sum(r.__dict__[k] for k in _MEASURED))
+    lines = [f"dry run: {len(reports)} rank(s) built in {seconds:.0f} s; peak RSS {_rss_gb():.2f} GB (this process, "
+             "or its largest worker)",
+             f"measured vs planned parameter, gradient and optimizer bytes: worst deviation {worst:.2%} "
+             f"(heaviest rank {heavy.rank}: " + ", ".join(f"{k} {heavy.__dict__[k] / GB:.2f} GB" for k in _MEASURED)
+             + f", activations planned {heavy.planned['activation_bytes'] / GB:.2f} GB)"]
+    if every_rank:
+        owned, expected = sum(r.params_owned for r in reports if r.edp_rank == 0), expected_owned(cfg)
+        lines.append(f"parameters owned over the ranks with edp_rank 0: {owned:,} = model + MTP {expected:,}: "
+                     + ("ok" if owned == expected else "MISMATCH"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,10 @@ def init_parameters(model: nn.Module, seed: int, std: float) -> None:
 
 def materialize(model: nn.Module, device: torch.device | str, seed: int, std: float) -> nn.Module:
     """Allocate a model built on the meta device (only the part this rank kept) on `device`, in the dtypes it
-    was built with, and initialise it (`init_parameters`); returns the model."""
+    was built with, and initialise it (`init_parameters`); returns the model. On "meta" (a dry run) the model
+    stays shapes only."""
+    if torch.device(device).type == "meta":
+        return model
     model.to_empty(device=device)
     init_parameters(model, seed, std)
     return model

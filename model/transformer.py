@@ -36,7 +36,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # no constructor init (reset_parameters draws every tensor): a meta build would pay torch's slow meta normal_
+        self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim,
+                                                       _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleDict({str(i): Block(i, cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, cfg.recompute_norm)
         self.head: Linear | None = Linear(cfg.dim, cfg.vocab_size)
