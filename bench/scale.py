@@ -12,7 +12,12 @@ building one rank before and after meta-first construction.
    measured; and for 671B at PP16 x EP64 derived from the tensors (before: every parameter in fp32; after: the
    rank's part, as the dry run measures it).
 
-    python -m bench.scale   # prints both tables, writes bench/results/scale.json
+3. Activations: the planner's per-token bytes of one block (launch/cost.py: `layer_activation_bytes`, the paper's
+   storage policy) against the bytes autograd really saves for the block's backward, measured with
+   `torch.autograd.graph.saved_tensors_hooks` (unique storages, parameters excluded) on a bf16 forward of 256
+   tokens, for the dense and a MoE block of `tiny` and `small`, with and without FP8 (emulated) and recompute.
+
+    python -m bench.scale   # prints the three tables, writes bench/results/scale.json
 """
 
 from __future__ import annotations
@@ -109,6 +114,60 @@ def rss_table() -> dict:
     return out
 
 
+ACTIVATION_CASES = {"tiny": {}, "tiny, recompute": {"recompute_norm": True, "recompute_mla_up_proj": True},
+                    "small": {}}
+TOKENS = 256
+
+
+def saved_bytes_per_token(cfg, layer: int, fp8: bool) -> float:
+    """Bytes per token that block `layer`'s forward saves for its backward (bf16, parameters excluded)."""
+    import torch
+
+    from fp8.config import FP8Config
+    from fp8.recipe import apply_fp8
+    from model import Transformer
+    from model.moe import Gate
+
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, Gate):
+            m.float()  # the router stays fp32 (trainer.train.cast_for_compute)
+    if fp8:
+        apply_fp8(model, FP8Config(recipe="emulate"))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    cos, sin = model.rope(TOKENS)
+    x = torch.randn(1, TOKENS, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[str(layer)](x, cos, sin)
+    return sum(saved.values()) / TOKENS
+
+
+def activation_table() -> list[dict]:
+    from launch.cost import layer_activation_bytes
+    from model.presets import load
+
+    rows = []
+    for name, overrides in ACTIVATION_CASES.items():
+        cfg = load(name.split(",")[0], **overrides)
+        for fp8 in (False, True):
+            for layer in (0, cfg.first_k_dense):
+                moe = layer >= cfg.first_k_dense
+                measured = saved_bytes_per_token(cfg, layer, fp8)
+                planned = layer_activation_bytes(cfg, moe, fp8)
+                rows.append({"case": name, "fp8": fp8, "block": "MoE" if moe else "dense", "measured": measured,
+                             "planned": planned, "ratio": measured / planned})
+    return rows
+
+
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = dry_run_table()
@@ -129,7 +188,14 @@ def main() -> None:
     print(f"671B at PP16 x EP64, rank {heavy['heaviest_rank']}: before {rss['671b_before_gb']:.0f} GB of fp32 "
           f"parameters on the host per rank (derived), after {heavy['measured_param_bytes'] / GB:.1f} GB of "
           "parameters, on the rank's device (measured by the dry run)")
-    (RESULTS / "scale.json").write_text(json.dumps({"dry_run": rows, "build_memory": rss}, indent=1))
+    acts = activation_table()
+    print(f"\nactivations saved by one block for its backward, bytes per token ({TOKENS} tokens, bf16): measured "
+          "(saved-tensor hooks) / planned (launch/cost.py)")
+    for a in acts:
+        print(f"  {a['case']:16} {'FP8' if a['fp8'] else 'bf16':4} {a['block']:5} {a['measured']:>10.0f} / "
+              f"{a['planned']:<8.0f} {a['ratio']:.2f}x")
+    (RESULTS / "scale.json").write_text(json.dumps({"dry_run": rows, "build_memory": rss, "activations": acts},
+                                                   indent=1))
 
 
 if __name__ == "__main__":

@@ -213,18 +213,16 @@ def layer_activation_bytes(cfg: ModelConfig, moe: bool, fp8: bool) -> float:
 def head_activation_bytes(cfg: ModelConfig, fp8: bool) -> tuple[float, float]:
     """(bytes per token, bytes per micro-batch) the last stage keeps beyond its blocks.
 
-    Per token, for each head (main, then each MTP depth): the norm input 2d, its output 2d unless recomputed (the
-    head stays BF16) and the input gradient 2d that the fused linear cross-entropy (model/loss.py) computes in
-    the forward instead of keeping logits; per MTP depth also the embedding output 2d, the eh_proj input (a 2d
-    unless the norms are recomputed) and a MoE block. Per micro-batch: that fused loss also keeps the head's fp32
-    weight gradient [V, d] for each head until backward, 4 V d each (3.7 GB at 671B scale), a cost of this
-    implementation (the paper does not say how its loss is computed)."""
+    Per token, for each head (main, then each MTP depth): the norm input 2d and its output 2d unless recomputed
+    (the head stays BF16; the fused linear cross-entropy, model/loss.py, keeps only its input and recomputes the
+    logits chunk by chunk in backward); per MTP depth also the embedding output 2d, the eh_proj input (a 2d unless
+    the norms are recomputed) and a MoE block. Nothing per micro-batch: the head's weight gradient exists only
+    inside backward."""
     a = FP8_ACT if fp8 else BF16
     d = cfg.dim
-    per_head = 2 * d + (0 if cfg.recompute_norm else 2 * d) + 2 * d
+    per_head = 2 * d + (0 if cfg.recompute_norm else 2 * d)
     per_depth = 2 * d + (0 if cfg.recompute_norm else a * 2 * d) + layer_activation_bytes(cfg, True, fp8)
-    heads = 1 + cfg.n_mtp_depth
-    return per_head + cfg.n_mtp_depth * (per_head + per_depth), heads * FP32 * cfg.vocab_size * d
+    return per_head + cfg.n_mtp_depth * (per_head + per_depth), 0.0
 
 
 # ---- memory per pipeline rank -----------------------------------------------------------------------------------

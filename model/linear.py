@@ -111,7 +111,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.wgrad_store: WeightGradStore | None = None
         self.fp8: LinearStrategy | None = None  # set by fp8.recipe.apply_fp8
-        nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
+        if not self.weight.is_meta:  # a meta build is initialised when materialised (model/init.py)
+            nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8 is not None:
@@ -195,7 +196,8 @@ class GroupedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features, dtype=dtype))
         self.wgrad_store: WeightGradStore | None = None
         self.fp8: LinearStrategy | None = None  # set by fp8.recipe.apply_fp8
-        nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
+        if not self.weight.is_meta:  # a meta build is initialised when materialised (model/init.py)
+            nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
         """x [M, in] sorted by expert, counts [E] (sum M) on the device, `sizes` the same on the host if known
