@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.dryrun import MEASURED
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE = ["experiment=deepseek_v3", "fp8=emulate", "parallel.gpus_per_node=8"]
 LAYOUTS = {"PP16 x EP64 DualPipe": ["parallel.pp=16", "parallel.ep=64", "parallel.schedule=dualpipe"],
@@ -39,7 +41,6 @@ SMALL = ["model=small", "parallel.pp=4", "parallel.ep=4", "parallel.schedule=1f1
          "model.n_group=1", "model.topk_group=1"]
 SMALL_WORLD = 16
 GB = 1e9
-MEASURED = ("param_bytes", "grad_bytes", "optimizer_bytes")
 
 
 def _config(overrides: list[str], world: int):

@@ -391,7 +391,7 @@ class Ranks:
         """(whether any rank is still hashing, the error of the lowest rank that has one); a collective."""
         if not self.distributed:
             return pending, error
-        flags = torch.tensor([int(pending), self.world - self.rank if error else 0], dtype=torch.int64)
+        flags = torch.tensor([int(pending), self.world - self.rank if error else 0], dtype=torch.int64, device="cpu")
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         busy, failed = flags.tolist()
         if not failed:

@@ -25,13 +25,13 @@ import dataclasses
 import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from core.config import ConfigError
 from launch.cost import GB
-from launch.plan import Plan
 from model.params import count_params
 from parallel.config import check_model_layout
 from parallel.expert import is_expert_param
@@ -40,6 +40,10 @@ from parallel.pipeline.stage import part_of
 from parallel.zero import ZeroOptimizer
 from trainer.config import RunConfig
 
+if TYPE_CHECKING:  # launch.plan imports this module
+    from launch.plan import Plan
+
+MEASURED = ("param_bytes", "grad_bytes", "optimizer_bytes")  # measured from the tensors, and planned
 KEYS = ("rank", "pp_rank", "dp_rank", "ep_rank", "edp_rank", "params_held", "params_owned", "param_bytes",
         "grad_bytes", "optimizer_bytes", "planned")
 

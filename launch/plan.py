@@ -35,6 +35,7 @@ from core.config import ConfigError, from_dict
 from fp8.config import FP8Config
 from launch import cost
 from launch.cost import GB, Cluster, Layout
+from launch.dryrun import MEASURED
 from model import ModelConfig, Transformer, count_params
 from model.config import model_config
 from parallel.config import ParallelConfig, check_model_layout, microbatches_per_step
@@ -459,17 +460,14 @@ def _dry_run(args: argparse.Namespace) -> int:
     return 1 if overflows else 0
 
 
-_MEASURED = ("param_bytes", "grad_bytes", "optimizer_bytes")
-
-
 def _dry_header() -> str:
     return (f"{'rank':>5} {'pp':>3} {'dp':>4} {'ep':>3} {'edp':>3} {'held':>8} {'owned':>8}  "
-            + "  ".join(f"{k.split('_')[0] + ' GB':>16}" for k in _MEASURED) + f"  {'activ GB':>8}"
-            + "\n" + " " * 43 + "  ".join(f"{'measured/planned':>16}" for _ in _MEASURED) + f"  {'planned':>8}")
+            + "  ".join(f"{k.split('_')[0] + ' GB':>16}" for k in MEASURED) + f"  {'activ GB':>8}"
+            + "\n" + " " * 43 + "  ".join(f"{'measured/planned':>16}" for _ in MEASURED) + f"  {'planned':>8}")
 
 
 def _dry_line(r) -> str:
-    cells = "  ".join(f"{r.__dict__[k] / GB:>7.2f}/{r.planned[k] / GB:<8.2f}" for k in _MEASURED)
+    cells = "  ".join(f"{r.__dict__[k] / GB:>7.2f}/{r.planned[k] / GB:<8.2f}" for k in MEASURED)
     return (f"{r.rank:>5} {r.pp_rank:>3} {r.dp_rank:>4} {r.ep_rank:>3} {r.edp_rank:>3} {_count(r.params_held):>8} "
             f"{_count(r.params_owned):>8}  {cells}  {r.planned['activation_bytes'] / GB:>8.2f}")
 
@@ -487,13 +485,13 @@ def _rss_gb() -> float:
 def _dry_summary(cfg, reports: list, every_rank: bool, seconds: float) -> str:
     from launch.dryrun import expected_owned
 
-    worst = max((abs(r.__dict__[k] / r.planned[k] - 1) for r in reports for k in _MEASURED if r.planned[k]),
+    worst = max((abs(r.__dict__[k] / r.planned[k] - 1) for r in reports for k in MEASURED if r.planned[k]),
                 default=0.0)
-    heavy = max(reports, key=lambda r: sum(r.__dict__[k] for k in _MEASURED))
+    heavy = max(reports, key=lambda r: sum(r.__dict__[k] for k in MEASURED))
     lines = [f"dry run: {len(reports)} rank(s) built in {seconds:.0f} s; peak RSS {_rss_gb():.2f} GB (this process, "
              "or its largest worker)",
              f"measured vs planned parameter, gradient and optimizer bytes: worst deviation {worst:.2%} "
-             f"(heaviest rank {heavy.rank}: " + ", ".join(f"{k} {heavy.__dict__[k] / GB:.2f} GB" for k in _MEASURED)
+             f"(heaviest rank {heavy.rank}: " + ", ".join(f"{k} {heavy.__dict__[k] / GB:.2f} GB" for k in MEASURED)
              + f", activations planned {heavy.planned['activation_bytes'] / GB:.2f} GB)"]
     if every_rank:
         owned, expected = sum(r.params_owned for r in reports if r.edp_rank == 0), expected_owned(cfg)

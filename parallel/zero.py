@@ -364,8 +364,8 @@ class ZeroOptimizer(Optimizer):
         return sum(b.grads.nbytes for b in self.buckets)
 
     def optimizer_state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds: fp32 master shards and both moment shards (padding included,
-        transient gradient buffers excluded)."""
+        """Bytes of optimizer state this rank holds: fp32 master shards and both moment shards (padding included;
+        the gradient buffers are `grad_buffer_bytes`)."""
         return sum(t.nbytes for b in self.buckets for t in (b.master, b.exp_avg, b.exp_avg_sq))
 
     # ---- checkpoints: full per-parameter tensors (optim.adamw.AdamW's keys) --------------------------------

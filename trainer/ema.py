@@ -109,6 +109,15 @@ class EMA:
             a, z = self.ranges[name]
             self.shadow[name].copy_(tensor.reshape(-1)[a:z])
 
+    def load_pieces(self, pieces: dict[str, torch.Tensor]) -> None:
+        """Load the kept elements of every kept parameter (flat, as `pieces()` gives them), e.g. read from a
+        checkpoint of any layout (trainer/shards.py: `Shards.load_ema`)."""
+        self.wait()
+        if pieces.keys() != self.shapes.keys():
+            raise KeyError(f"EMA state does not match the model's parameters: {_diff(pieces, self.shapes)}")
+        for name, flat in pieces.items():
+            self.shadow[name].copy_(flat.reshape(-1))
+
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite the model's parameters with the average (cast to each parameter's dtype and device); only an

@@ -69,10 +69,10 @@ def summarize(grid: ProcessGrid, names: Sequence[str], values: Mapping[str, floa
     key of `sums` (the same keys on every rank) its sum over all ranks, under its own name. Two all-reduces of
     len(names) and 2 x len(names) + len(sums) numbers, issued together (see the module docstring)."""
     sums = dict(sums or {})
-    present = torch.tensor([n in values for n in names], dtype=torch.bool)
-    local = torch.tensor([float(values.get(n, 0.0)) for n in names], dtype=torch.float64)
+    present = torch.tensor([n in values for n in names], dtype=torch.bool, device="cpu")
+    local = torch.tensor([float(values.get(n, 0.0)) for n in names], dtype=torch.float64, device="cpu")
     added = torch.cat([torch.where(present, local, 0.0), present.double(),
-                       torch.tensor(list(sums.values()), dtype=torch.float64)])
+                       torch.tensor(list(sums.values()), dtype=torch.float64, device="cpu")])
     packed = torch.where(present, _order_key(local) * _LOW + (_LOW - 1 - grid.rank), _ABSENT)
     if grid.world_size > 1:
         works = [dist.all_reduce(added, op=dist.ReduceOp.SUM, async_op=True),
@@ -95,7 +95,7 @@ def summarize(grid: ProcessGrid, names: Sequence[str], values: Mapping[str, floa
 
 def per_rank_lists(grid: ProcessGrid, names: Sequence[str], values: Mapping[str, float]) -> dict[str, list]:
     """Every rank's value of each of `names`, in rank order (NaN where a rank has none): one all-gather."""
-    local = torch.tensor([float(values.get(n, math.nan)) for n in names], dtype=torch.float64)
+    local = torch.tensor([float(values.get(n, math.nan)) for n in names], dtype=torch.float64, device="cpu")
     if grid.world_size == 1:
         rows = [local]
     else:

@@ -80,6 +80,16 @@ class Shards:
             out[name] = Shard(tensor.detach().reshape(-1)[a:z], shape, offset + a)
         return out
 
+    def ema(self, ema) -> dict[str, Shard]:
+        """This rank's pieces of the EMA (trainer/ema.py): the ranges it keeps, which are its optimizer's, written
+        straight from the average (no parameter-sized tensor is made)."""
+        out = {}
+        for name, (start, data) in ema.pieces().items():
+            if self._first_holder(name):
+                shape, offset = self._place(name, ema.shapes[name])
+                out[name] = Shard(data, shape, offset + start)
+        return out
+
     def optim(self, opt: Optimizer) -> dict[str, Shard]:
         """This rank's pieces of the optimizer state (optim/optimizer.py's keys). A parameter's step count is
         written by the rank holding its first element."""
@@ -98,10 +108,11 @@ class Shards:
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def read_local(self, reader: CheckpointReader, group: str, shapes: dict[str, torch.Size],
-                   every: set[str]) -> dict[str, torch.Tensor]:
+                   every: set[str], ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
         """This rank's view of a model-shaped group: every entry of `shapes` (its local shapes), experts cut to
         this EP rank's block, each read from just the checkpoint ranges that hold it. `every`: the names the
-        whole model has in this group (this rank's pipeline stages hold only some), to check the checkpoint's."""
+        whole model has in this group (this rank's pipeline stages hold only some), to check the checkpoint's.
+        `ranges`: read only elements [a, z) of each flattened local tensor, returned flat."""
         saved = set(reader.names(group))
         missing, unexpected = sorted(every - saved), sorted(saved - every)
         wrong = [f"{n} {list(reader.shape(group, n))} (now {list(self._place(n, s)[0])})"
@@ -113,7 +124,11 @@ class Shards:
         out = {}
         for name, shape in shapes.items():
             _, offset = self._place(name, shape)
-            out[name] = reader.read(group, name, offset, offset + math.prod(shape)).view(shape)
+            if ranges is None:
+                out[name] = reader.read(group, name, offset, offset + math.prod(shape)).view(shape)
+            else:
+                a, z = ranges[name]
+                out[name] = reader.read(group, name, offset + a, offset + z)
         return out
 
     def load_model(self, model: nn.Module, reader: CheckpointReader) -> None:
@@ -121,8 +136,8 @@ class Shards:
         model.load_state_dict(self.read_local(reader, "model", shapes, set(self.global_shapes)))
 
     def load_ema(self, ema, reader: CheckpointReader) -> None:
-        shapes = {name: t.shape for name, t in ema.state_dict().items()}
-        ema.load_state_dict(self.read_local(reader, "ema", shapes, self.global_params))
+        """Each rank reads just the EMA ranges it keeps."""
+        ema.load_pieces(self.read_local(reader, "ema", ema.shapes, self.global_params, ema.ranges))
 
     def load_optim(self, opt: Optimizer, reader: CheckpointReader) -> None:
         """Each rank reads its own optimizer ranges (ZeRO-1: its shards; one process: everything). Load the model

@@ -66,7 +66,7 @@ def save(run_dir: Path, cfg: RunConfig, grid: ProcessGrid, shards: Shards, state
     tensors = {"model": shards.model(model.state_dict(), opt), "optim": shards.optim(opt),
                "rng": {f"{grid.rank}.{name}": t for name, t in rng_state().items()}}
     if ema is not None:
-        tensors["ema"] = shards.model(ema.state_dict(), opt)
+        tensors["ema"] = shards.ema(ema)
     meta = {"step": state.step, "tokens": state.tokens, "skipped_in_row": state.skipped_in_row,
             "data": data.state_dict(), "config": cfg.to_dict(),
             "layout": {"pp": grid.pp, "ep": grid.ep, "dp": grid.dp, "world_size": grid.world_size,

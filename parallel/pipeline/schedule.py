@@ -28,6 +28,7 @@ deepseek-ai/DualPipe (paper Figure 5), with FB actions (an overlapped forward-ba
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 from typing import ClassVar
 
@@ -40,7 +41,7 @@ __all__ = ["DualPipe", "DualPipeV", "ForwardOnly", "OneFOneB", "Schedule", "Sche
 Tensor = tuple[str, int, int]  # what travels: ("activation" | "gradient", the stage consuming it, micro-batch)
 
 
-class Schedule:
+class Schedule(ABC):
     """A pipeline schedule over `pp` ranks (see the module docstring). Subclasses set `name`, `phases` (stages per
     rank) and the order (`_actions`); the placement defaults are one stage per rank."""
 
@@ -135,13 +136,14 @@ class Schedule:
         """Whether micro-batch `microbatch` passes through the rank's `phase` (DualPipe: one direction each)."""
         return True
 
+    @abstractmethod
     def _actions(self, rank: int, n_micro: int) -> list[Action]:
-        raise NotImplementedError
+        """The schedule's order for `rank` (`actions` has checked the arguments)."""
 
+    @abstractmethod
     def bubble(self, F: float, B: float, W: float, FB: float) -> float:  # noqa: N803 (Table 2's names)
         """Table 2's bubble for chunk costs F, B (full backward), W (its weight part), FB (an overlapped pair);
         simulate.py's docstring says when it is exact."""
-        raise NotImplementedError
 
 
 class OneFOneB(Schedule):
@@ -177,9 +179,9 @@ class _Dual(Schedule):
                                 f"(parallel.pp={self.pp}), which parallel.schedule={self.name} needs to fill its "
                                 "steady phase; raise the micro-batch count or lower pp")
 
+    @abstractmethod
     def _position(self, rank: int) -> tuple[int, int]:
         """(half, pos): the reference's number of positions and this rank's."""
-        raise NotImplementedError
 
     def _actions(self, rank: int, n_micro: int) -> list[Action]:
         half, pos = self._position(rank)
@@ -307,6 +309,10 @@ class ForwardOnly(Schedule):
 
     def _actions(self, rank: int, n_micro: int) -> list[Action]:
         return self.base.forward_actions(rank, n_micro)
+
+    def bubble(self, F: float, B: float, W: float, FB: float) -> float:  # noqa: N803
+        raise ScheduleError(f"{self}: Table 2 gives bubbles of training schedules only; simulate the forward-only "
+                            "actions (parallel/pipeline/simulate.py) for evaluation")
 
 
 SCHEDULE_TYPES: dict[str, type[Schedule]] = {cls.name: cls for cls in (OneFOneB, ZB1P, DualPipe, DualPipeV)}

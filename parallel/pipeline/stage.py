@@ -157,7 +157,8 @@ def sync_replicated_grads(model: nn.Module, groups: dict[tuple[int, ...], dist.P
     """Sum the gradients of parameters held by several pipeline ranks over those ranks. `groups` maps each rank
     set (pipeline ranks, sorted) to its process group; every rank in a set calls this with the same model parts,
     and the parameters are reduced in name order, one flat buffer per rank set. A low-precision parameter's
-    gradient is its fp32 `main_grad` (model.grads.grad_of)."""
+    gradient is its fp32 `main_grad` (model.grads.grad_of). This is the path of a pipeline without a ZeRO-1
+    optimizer (tests, benches); training reduces in place on the optimizer's buckets (parallel/grad_reduce.py)."""
     by_set: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for name, p in sorted(model.named_parameters()):
         ranks = tuple(holder_of[part_of(name)])

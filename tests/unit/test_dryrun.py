@@ -10,12 +10,11 @@ import json
 
 import pytest
 
-from launch.dryrun import KEYS
+from launch.dryrun import KEYS, MEASURED
 from launch.plan import main
 from model.params import count_params
 from model.presets import load
 
-MEASURED = ("param_bytes", "grad_bytes", "optimizer_bytes")
 SMALL = ["--cluster", "h800_2048", "--gpus-per-node", "2", "--workers", "1"]
 LAYOUTS = {
     "dualpipe-ep2": (4, ["experiment=tiny_parallel"]),
