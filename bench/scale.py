@@ -115,57 +115,34 @@ def rss_table() -> dict:
     return out
 
 
-ACTIVATION_CASES = {"tiny": {}, "tiny, recompute": {"recompute_norm": True, "recompute_mla_up_proj": True},
-                    "small": {}}
+ACTIVATION_CASES = {"tiny": {}, "tiny, one head width": {"qk_nope_head_dim": 16},
+                    "tiny, recompute": {"recompute_norm": True, "recompute_mla_up_proj": True}, "small": {},
+                    # the full model's widths, two blocks, 16 of its 256 experts (the per-token bytes do not
+                    # depend on E beyond the router's 4E)
+                    "deepseek_v3_671b, 2 blocks": {"n_layers": 2, "first_k_dense": 1, "n_routed_experts": 16,
+                                                   "n_group": 4, "topk_group": 2, "vocab_size": 1024,
+                                                   "n_mtp_depth": 0}}
 TOKENS = 256
 
 
-def saved_bytes_per_token(cfg, layer: int, fp8: bool) -> float:
-    """Bytes per token that block `layer`'s forward saves for its backward (bf16, parameters excluded)."""
-    import torch
-
-    from fp8.config import FP8Config
-    from fp8.recipe import apply_fp8
-    from model import Transformer
-    from model.moe import Gate
-
-    torch.manual_seed(0)
-    model = Transformer(cfg).to(torch.bfloat16)
-    for m in model.modules():
-        if isinstance(m, Gate):
-            m.float()  # the router stays fp32 (trainer.train.cast_for_compute)
-    if fp8:
-        apply_fp8(model, FP8Config(recipe="emulate"))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    cos, sin = model.rope(TOKENS)
-    x = torch.randn(1, TOKENS, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.layers[str(layer)](x, cos, sin)
-    return sum(saved.values()) / TOKENS
-
-
 def activation_table() -> list[dict]:
+    from launch.activations import cpu_attention, saved_bytes_per_token
     from launch.cost import layer_activation_bytes
     from model.presets import load
 
     rows = []
     for name, overrides in ACTIVATION_CASES.items():
         cfg = load(name.split(",")[0], **overrides)
+        attention = cpu_attention(cfg)
         for fp8 in (False, True):
             for layer in (0, cfg.first_k_dense):
                 moe = layer >= cfg.first_k_dense
-                measured = saved_bytes_per_token(cfg, layer, fp8)
-                planned = layer_activation_bytes(cfg, moe, fp8)
-                rows.append({"case": name, "fp8": fp8, "block": "MoE" if moe else "dense", "measured": measured,
-                             "planned": planned, "ratio": measured / planned})
+                measured = saved_bytes_per_token(cfg, layer, fp8, TOKENS)
+                planned = layer_activation_bytes(cfg, moe, fp8, attention, TOKENS)
+                fused = layer_activation_bytes(cfg, moe, fp8, "fused")
+                rows.append({"case": name, "fp8": fp8, "block": "MoE" if moe else "dense", "attention": attention,
+                             "measured": measured, "planned": planned, "ratio": measured / planned,
+                             "planned_gpu": fused})
     return rows
 
 
@@ -191,10 +168,11 @@ def main() -> None:
           "parameters, on the rank's device (measured by the dry run)")
     acts = activation_table()
     print(f"\nactivations saved by one block for its backward, bytes per token ({TOKENS} tokens, bf16): measured "
-          "(saved-tensor hooks) / planned (launch/cost.py)")
+          "(saved-tensor hooks) / planned (launch/cost.py, with the attention kernel the CPU ran) and the planner's "
+          "figure for a GPU's fused attention kernel")
     for a in acts:
-        print(f"  {a['case']:16} {'FP8' if a['fp8'] else 'bf16':4} {a['block']:5} {a['measured']:>10.0f} / "
-              f"{a['planned']:<8.0f} {a['ratio']:.2f}x")
+        print(f"  {a['case']:27} {'FP8' if a['fp8'] else 'bf16':4} {a['block']:5} {a['attention']:5} "
+              f"{a['measured']:>10.0f} / {a['planned']:<10.0f} {a['ratio']:.3f}x   GPU {a['planned_gpu']:>8.0f}")
     (RESULTS / "scale.json").write_text(json.dumps({"dry_run": rows, "build_memory": rss, "activations": acts},
                                                    indent=1))
 

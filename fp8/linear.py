@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from torch import nn
 from fp8.e5m6 import dequantize_e5m6_1x128, quantize_e5m6_1x128
 from fp8.quant import FP8, dequantize, quantize_1x128, quantize_128x1, quantize_128x128
 from model.linear import GroupedLinear, Linear, return_or_defer
+from model.norm import recomputable
+from model.swiglu import scaled, swiglu_backward
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,11 @@ class FP8Spec:
 
     def swiglu_experts(self, w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, rows: torch.Tensor,
                        index: torch.Tensor, counts: torch.Tensor, packed: object = None,
-                       sizes: list[int] | None = None) -> torch.Tensor:
+                       sizes: list[int] | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
         """`packed`: (E4M3 rows, their 1x128 scales) when the rows arrived through the FP8 dispatch payload
         (fp8/recipe.py `FP8Payload`), used as the up-projection's operand as they are; None quantises the rows."""
         return _FP8SwiGLUExpertsFn.apply(rows, index, w1.weight, w3.weight, w2.weight, counts, (w1, w3, w2), packed,
-                                         sizes)
+                                         sizes, scale)
 
 
 FP8Operand = tuple[torch.Tensor, torch.Tensor]  # (E4M3 values, their fp32 scales)
@@ -145,14 +148,33 @@ def _cached_input(x_q: torch.Tensor, x_s: torch.Tensor, k: int, e5m6: bool) -> t
     return dequantize_e5m6_1x128(x_q, x_s, k) if e5m6 else dequantize(x_q, x_s, (1, 128))
 
 
+_last_input: tuple = (None, -1, None, None)  # (weakref to an input, its version, pow2, its 1x128 FP8 form)
+
+
+def _input_tiles(x: torch.Tensor, pow2: bool) -> FP8Operand:
+    """x's 1x128 FP8 tiles, shared by the GEMMs that read one tensor one after the other (W_DQ and W_DKV read the
+    attention norm's output, W1 and W3 the FFN norm's): one FP8 copy of it is kept for their backwards, not one
+    per GEMM. Keyed by the tensor object (weakly: the cache never keeps it alive) and its version counter."""
+    global _last_input
+    ref, version, was_pow2, tiles = _last_input
+    if ref is not None and ref() is x and version == x._version and was_pow2 == pow2:
+        return tiles
+    tiles = quantize_1x128(x.reshape(-1, x.shape[-1]), pow2)
+    _last_input = (weakref.ref(x), x._version, pow2, tiles)
+    return tiles
+
+
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, module: Linear) -> torch.Tensor:
         spec: FP8Spec = module.fp8
         x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_s = quantize_1x128(x2, spec.pow2)
+        x_q, x_s = _input_tiles(x, spec.pow2)
         (w8,) = fp8_weights(module, spec)
-        if spec.e5m6_cache:  # keep a finer copy of the input for Wgrad instead of the E4M3 operand
+        ctx.requantize = not spec.e5m6_cache and recomputable(x)
+        if ctx.requantize:  # a norm output recomputed in backward (model/norm.py): quantised again there
+            ctx.save_for_backward(x)
+        elif spec.e5m6_cache:  # keep a finer copy of the input for Wgrad instead of the E4M3 operand
             ctx.save_for_backward(*quantize_e5m6_1x128(x2, pow2=True))
         else:
             ctx.save_for_backward(x_q, x_s)
@@ -161,8 +183,12 @@ class _FP8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x_q, x_s = ctx.saved_tensors
         module: Linear = ctx.module
+        if ctx.requantize:
+            (x,) = ctx.saved_tensors
+            x_q, x_s = quantize_1x128(x.reshape(-1, x.shape[-1]), module.fp8.pow2)  # the forward's tiles, bitwise
+        else:
+            x_q, x_s = ctx.saved_tensors
         spec: FP8Spec = module.fp8
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = None
@@ -241,13 +267,15 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
 
 
 class _FP8SwiGLUExpertsFn(torch.autograd.Function):
-    """y = w2(silu(w1 x) * w3 x) per expert for x = rows[index], in FP8, keeping for backward only the FP8 input x
-    and the FP8 SwiGLU input (w1 x, w3 x); the SwiGLU output, which w2's Wgrad needs, is recomputed from them (paper
-    3.3). Rows that arrive with their E4M3 form (`packed`, from the FP8 dispatch) are used as they are."""
+    """y = w2(scale * silu(w1 x) * w3 x) per expert for x = rows[index], in FP8, keeping for backward only the FP8
+    input x, the FP8 SwiGLU input (w1 x, w3 x) and the per-row scale (the gate weights, or None); the SwiGLU
+    output, which w2's Wgrad and the scale's gradient need, is recomputed from them (paper 3.3). Rows that arrive
+    with their E4M3 form (`packed`, from the FP8 dispatch) are used as they are."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, index: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-                counts: torch.Tensor, modules: tuple, packed: tuple | None, sizes: list[int] | None) -> torch.Tensor:
+                counts: torch.Tensor, modules: tuple, packed: tuple | None, sizes: list[int] | None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
         spec: FP8Spec = modules[0].fp8
         bounds = _bounds(counts, sizes)
         ws = [fp8_weights(m, spec) for m in modules]
@@ -259,27 +287,24 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
         a = _grouped_fp8(spec, x_q, x_s, _blocks(ws[0]), bounds, x.dtype)
         b = _grouped_fp8(spec, x_q, x_s, _blocks(ws[1]), bounds, x.dtype)
         ab_q, ab_s = quantize_1x128(torch.cat([a, b], dim=-1), spec.pow2)  # the FP8 cache of the SwiGLU input
-        h_q, h_s = quantize_1x128(F.silu(a) * b, spec.pow2)
-        ctx.save_for_backward(x_q, x_s, ab_q, ab_s, index)
+        h_q, h_s = quantize_1x128(scaled(F.silu(a) * b, scale), spec.pow2)
+        ctx.save_for_backward(x_q, x_s, ab_q, ab_s, index, scale)
         ctx.ws, ctx.bounds, ctx.modules, ctx.dtype, ctx.inter = ws, bounds, modules, x.dtype, a.shape[-1]
         ctx.n_rows = rows.shape[0]
         return _grouped_fp8(spec, h_q, h_s, _blocks(ws[2]), bounds, x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x_q, x_s, ab_q, ab_s, index = ctx.saved_tensors
+        x_q, x_s, ab_q, ab_s, index, scale = ctx.saved_tensors
         m1, m3, m2 = ctx.modules
         spec: FP8Spec = m1.fp8
         bounds, (w1, w3, w2), dtype = ctx.bounds, ctx.ws, ctx.dtype
         a, b = dequantize(ab_q, ab_s, (1, 128)).to(dtype).split(ctx.inter, dim=-1)
-        sig = torch.sigmoid(a)
-        silu = a * sig
-        h = silu * b  # recomputed SwiGLU output
         dy = dy.contiguous()
         d_q, d_s = quantize_1x128(dy, spec.pow2)
         dh = _grouped_fp8(spec, d_q, d_s, _transposed(w2), bounds, dtype)
-        da = dh * b * sig * (1 + a * (1 - sig))  # d silu(a) / da = sig (1 + a (1 - sig))
-        db = dh * silu
+        h, da, db, dscale = swiglu_backward(a, b, dh, scale)  # h: the recomputed SwiGLU output, unscaled
+        h = scaled(h, scale)  # w2's input
         da_q, da_s = quantize_1x128(da, spec.pow2)
         db_q, db_s = quantize_1x128(db, spec.pow2)
         dx = (_grouped_fp8(spec, da_q, da_s, _transposed(w1), bounds, dtype)
@@ -291,4 +316,4 @@ class _FP8SwiGLUExpertsFn(torch.autograd.Function):
         return_or_defer(m1, lambda: _grouped_wgrad(spec, das, x_groups()), through_autograd=False)
         return_or_defer(m3, lambda: _grouped_wgrad(spec, dbs, x_groups()), through_autograd=False)
         d_rows = torch.zeros(ctx.n_rows, dx.shape[1], dtype=dx.dtype, device=dx.device).index_add_(0, index, dx)
-        return d_rows, None, None, None, None, None, None, None, None
+        return d_rows, None, None, None, None, None, None, None, None, dscale

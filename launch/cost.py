@@ -34,7 +34,7 @@ from parallel.pipeline.validate import peak_activations
 GB = 1e9
 FP8_ACT = 1 + 4 / 128  # E4M3 byte + one fp32 scale per 1x128 tile (paper 3.3: activations, dispatch)
 FP8_WEIGHT = 1 + 4 / (128 * 128)  # E4M3 byte + one fp32 scale per 128x128 block (weights)
-E5M6 = 1.5  # the custom 12-bit format of the input of the Linear after attention (paper 3.3.4)
+E5M6_ACT = 1.5 + 4 / 128  # the custom 12-bit format of the input of the Linear after attention (paper 3.3.4)
 BF16, FP32 = 2, 4
 OPTIMIZER_BYTES = FP32 + 2 * BF16  # fp32 master + AdamW moments in bf16 (paper 3.3), sharded by ZeRO-1
 
@@ -165,63 +165,94 @@ def model_parts(cfg: ModelConfig, seq_len: int, fp8: bool) -> dict[str, Part]:
     return dict(parts)
 
 
-def layer_activation_bytes(cfg: ModelConfig, moe: bool, fp8: bool) -> float:
-    """Bytes per token one Transformer block keeps from its forward for its backward, under the storage policy of
-    paper 3.2.3 / 3.3 switched by the config (recompute_norm, recompute_mla_up_proj) and the FP8 recipe.
+def layer_activation_bytes(cfg: ModelConfig, moe: bool, fp8: bool, attention: str = "fused",
+                           seq_len: int | None = None) -> float:
+    """Bytes per token that one Transformer block's forward keeps for its backward: the tensors its autograd graph
+    saves (bench/scale.py measures them with saved-tensor hooks and tests/unit/test_activations.py holds this to
+    10% of that), under the paper's storage policy (3.2.3, 3.3) as this model implements it.
 
-    a = bytes of a cached GEMM input: FP8_ACT (E4M3 + 1x128 fp32 scales) under FP8, else 2 (BF16); d = dim, H heads.
+    a = bytes per element of a GEMM's saved input: FP8_ACT (E4M3 + 1x128 fp32 scales) under FP8, else 2 (BF16);
+    a GEMM pair reading one tensor (W_DQ/W_DKV, W1/W3) keeps one copy. r = 0 with recompute_norm (a norm's output
+    is recomputed in backward, model/norm.py), else 1. d = dim, H heads, d_c = kv_lora_rank, d'_c = q_lora_rank,
+    d_R = the decoupled RoPE width, I = the FFN's width, K routed experts per token, E experts.
 
-        MLA    2d                               block input (residual, BF16): the attention norm's input
-             + (recompute_norm ? 0 : a d)       norm output = input of W_DQ and W_DKV
-             + 2 (d'_c + d_c + d_R)             latents c_Q, [c_KV; k_R] (BF16)
-             + (recompute_mla_up_proj ? 0 : a (d'_c + d_c) + 2 H (2 d_qk + d_v) + 4 H)
-                                                latent norms' outputs, q, k, v and the softmax log-sum-exp; with
-                                                the flag the up-projections and core attention rerun in backward
-             + o H d_v                          attention output = input of W_O (o = 1.5, E5M6, under FP8; else 2)
-        FFN    2d + (recompute_norm ? 0 : a d)  the FFN norm's input and output
-        dense  2 (2 I) + a I                    SwiGLU input (W1, W3 outputs, BF16) and output (input of W2)
-        MoE    4 E + (recompute_norm ? 0 : 4d)  router affinities (fp32); the router's fp32 input
-             + SwiGLU(I_s)                      shared experts, I_s = n_shared x moe_inter_dim
-             + K (a d + SwiGLU(I) + 8)          per routed row received (balanced load: K rows per token): the
-                                                dispatched token, SwiGLU, gate weight and expert id
-        SwiGLU(I) in MoE = a (2 I) under FP8, output recomputed in backward (paper 3.3.4); else 2 (2 I) + 2 I.
+        MLA    2d + 4                         block input (the attention norm's input) and its fp32 reciprocal RMS
+             + r a d                          attention norm's output (input of W_DQ, W_DKV)
+             + 2 d'_c + 2 (d_c + d_R)         latents c_Q, [c_KV; k_R] (BF16)
+             + (recompute_mla_up_proj ? 0 :   with the flag, up-projections and core attention rerun in backward
+                 r a (d'_c + d_c) + 4 + 4     latent norms' outputs (inputs of W_UQ, W_UKV), their statistics
+                 + core + 4 d_R)              (+ the RoPE tables' BF16 casts for the q and k rotations)
+             + o H d_v                        attention output = input of W_O (o = E5M6 + its scales under FP8)
+        core   fused kernel (flash, memory-efficient, cuDNN: the GPU's SDPA): q, k (2 H d_qk each), the [k_C; v]
+               up-projection v is a view of (2 H (d_nope + d_v)), the log-sum-exp (4 H) and, under FP8, its own BF16
+               output (2 H d_v; in BF16 that is W_O's input); math kernel (`attention="math"`, CPU SDPA when the
+               head widths differ): fp32 q, k, v (4 H (2 d_qk + d_v)) and the fp32 probabilities (4 H T per token)
+        FFN    2d + 4                         the FFN norm's input and statistics
+        dense  r a d + 2 (2 I) + a I          the norm's output (input of W1, W3), SwiGLU input (W1, W3 outputs,
+                                              BF16; silu recomputed) and output (input of W2)
+        MoE    r 2d + 4E + 12K + 4 (+ 4)      router: its input (the norm's output, BF16; routed in fp32 from it),
+                                              affinities, top-K ids and weights, their sum (and the balance loss's
+                                              per-token statistics)
+             + (FP8 ? r a d : 0) + SwiGLU(I_s)  shared experts (I_s = n_shared x moe_inter_dim): their input's
+                                              FP8 copy (in BF16 it is the router's), SwiGLU
+             + K (a d + SwiGLU(I) + 20)       per routed row received (balanced: K per token): the dispatched
+                                              token, SwiGLU (the gate weight scales its output, model/swiglu.py,
+                                              so the expert's output is not kept), row index, slot index and
+                                              gate weight
+        SwiGLU(I) in MoE = a (2 I) under FP8 (output recomputed, paper 3.3.4); else 2 (2 I) + 2 I.
 
-    Not counted: the layer output (the next layer's input, counted there), the few MB of fp32 per-token
-    statistics of the norms, pipeline receive buffers and all-to-all buffers (in `Cluster.reserved_gb`). This
-    prices the paper's policy; this repo's autograd graph keeps more today (a Linear after a recomputed norm still
-    saves its input, the expert output is saved in fp32 for the gate weight's gradient)."""
+    Not counted: the layer output (the next layer's input, counted there), RoPE tables and other buffers shared
+    by all layers, pipeline receive buffers and all-to-all buffers (in `Cluster.reserved_gb`)."""
+    if attention not in ("fused", "math"):
+        raise ValueError(f"attention={attention!r}: fused or math")
+    if attention == "math" and seq_len is None:
+        raise ValueError("attention='math' keeps T x T probabilities: give seq_len")
     a = FP8_ACT if fp8 else BF16
     d, h = cfg.dim, cfg.n_heads
     q_rank = cfg.q_lora_rank or 0
-    out = 2 * d + (0 if cfg.recompute_norm else a * d)
-    out += 2 * (q_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    r = 0 if cfg.recompute_norm else 1
+    out = 2 * d + 4 + r * a * d + 2 * q_rank + 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     if not cfg.recompute_mla_up_proj:
-        out += a * (q_rank + cfg.kv_lora_rank) + 2 * h * (2 * cfg.qk_head_dim + cfg.v_head_dim) + 4 * h
-    out += (E5M6 if fp8 else BF16) * h * cfg.v_head_dim
-    out += 2 * d + (0 if cfg.recompute_norm else a * d)
+        out += r * a * (q_rank + cfg.kv_lora_rank) + 4 * (2 if q_rank else 1)
+        if attention == "fused":
+            out += 2 * h * 2 * cfg.qk_head_dim + 2 * h * (cfg.qk_nope_head_dim + cfg.v_head_dim) + 4 * h
+            out += 2 * h * cfg.v_head_dim if fp8 else 0
+        else:
+            out += 4 * h * (2 * cfg.qk_head_dim + cfg.v_head_dim) + 4 * h * seq_len
+        out += 4 * cfg.qk_rope_head_dim  # the RoPE tables cast to BF16 for the q and k rotations
+    out += (E5M6_ACT if fp8 else BF16) * h * cfg.v_head_dim
+    out += 2 * d + 4
     if not moe:
-        return out + 2 * 2 * cfg.inter_dim + a * cfg.inter_dim
+        return out + r * a * d + 2 * 2 * cfg.inter_dim + a * cfg.inter_dim
 
     def swiglu(inter: int) -> float:
         return a * 2 * inter if fp8 else 2 * 2 * inter + 2 * inter
 
-    out += 4 * cfg.n_routed_experts + (0 if cfg.recompute_norm else 4 * d)
-    out += swiglu(cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else 0
-    return out + cfg.n_activated_experts * (a * d + swiglu(cfg.moe_inter_dim) + 8)
+    k = cfg.n_activated_experts
+    balance_loss = (cfg.balance == "aux_free" and cfg.seq_aux_alpha > 0) or (
+        cfg.balance == "aux_loss" and cfg.aux_loss_alpha > 0)
+    out += r * 2 * d + 4 * cfg.n_routed_experts + 12 * k + 4 + (4 if balance_loss else 0)
+    if cfg.n_shared_experts:
+        inter = cfg.n_shared_experts * cfg.moe_inter_dim
+        out += (r * a * d if fp8 else 0) + 2 * 2 * inter + a * inter
+    return out + k * (a * d + swiglu(cfg.moe_inter_dim) + 20)
 
 
-def head_activation_bytes(cfg: ModelConfig, fp8: bool) -> tuple[float, float]:
-    """(bytes per token, bytes per micro-batch) the last stage keeps beyond its blocks.
+def head_activation_bytes(cfg: ModelConfig, fp8: bool, attention: str = "fused",
+                          seq_len: int | None = None) -> tuple[float, float]:
+    """(bytes per token, bytes per micro-batch) the last stage keeps beyond its blocks, as `layer_activation_bytes`
+    counts a block's (n = 4 B of fp32 reciprocal RMS per norm, 0 with recompute_norm).
 
-    Per token, for each head (main, then each MTP depth): the norm input 2d and its output 2d unless recomputed
-    (the head stays BF16; the fused linear cross-entropy, model/loss.py, keeps only its input and recomputes the
-    logits chunk by chunk in backward); per MTP depth also the embedding output 2d, the eh_proj input (a 2d unless
-    the norms are recomputed) and a MoE block. Nothing per micro-batch: the head's weight gradient exists only
-    inside backward."""
-    a = FP8_ACT if fp8 else BF16
+    Per head (main, then each MTP depth): the final norm's input 2d + n and its output 2d, which the fused linear
+    cross-entropy (model/loss.py, BF16) keeps as its only input (the logits are recomputed chunk by chunk in
+    backward), and the int64 targets. Per MTP depth also: the embedding's int64 ids and output (the input of its
+    norm) 2d + n, the norm of the previous depth's hidden state (whose input the head above already keeps) n, the
+    concatenated input of eh_proj 2 (2d) (it stays BF16, fp8/recipe.py), and a MoE block. Nothing per micro-batch:
+    the head's weight gradient exists only inside backward."""
     d = cfg.dim
-    per_head = 2 * d + (0 if cfg.recompute_norm else 2 * d)
-    per_depth = 2 * d + (0 if cfg.recompute_norm else a * 2 * d) + layer_activation_bytes(cfg, True, fp8)
+    n = 0 if cfg.recompute_norm else 4
+    per_head = 2 * d + n + 2 * d + 8
+    per_depth = 8 + 2 * d + 2 * n + 2 * 2 * d + layer_activation_bytes(cfg, True, fp8, attention, seq_len)
     return per_head + cfg.n_mtp_depth * (per_head + per_depth), 0.0
 
 

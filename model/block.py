@@ -16,6 +16,7 @@ exchange runs behind that compute (DualPipe's overlapped chunk, paper 3.2.1; par
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator
 from typing import TypeVar
 
@@ -25,7 +26,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.mla import MLA
 from model.moe import MLP, Dispatched, MoE
-from model.norm import RMSNorm
+from model.norm import RMSNorm, recomputed_norm_outputs
 
 
 class Block(nn.Module):
@@ -46,8 +47,9 @@ class Block(nn.Module):
               mask: torch.Tensor | None = None) -> Generator[None, None, torch.Tensor]:
         """The forward, pausing (yield) after launching the dispatch and after launching the combine."""
         if not self.is_moe:
-            x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-            return x + self.ffn(self.ffn_norm(x))
+            with self._recompute():
+                x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+                return x + self.ffn(self.ffn_norm(x))
         x, h, idx, w = self.attn_router(x, cos, sin, mask)
         exchange = self.ffn.dispatcher.dispatch_async(h.flatten(0, 1), idx, w)
         yield
@@ -57,16 +59,23 @@ class Block(nn.Module):
         yield
         return self.residual(x, shared, exchange.wait())
 
+    def _recompute(self) -> contextlib.AbstractContextManager:
+        """Around each compute phase (never across a pause): with recompute_norm, the norms' outputs that the
+        phase's GEMMs read are recomputed in backward instead of kept (model/norm.py)."""
+        return recomputed_norm_outputs() if self.attn_norm.recompute else contextlib.nullcontext()
+
     # ---- MoE compute phases (dispatch and combine are the dispatcher's) -----------------------------------
     def attn_router(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
         """-> x after attention [B, T, dim], h = norm(x) with the balance loss attached, ids/weights [B*T, K]."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        h, idx, w = self.ffn.route(self.ffn_norm(x))
+        with self._recompute():
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+            h, idx, w = self.ffn.route(self.ffn_norm(x))
         return x, h, idx, w
 
     def experts(self, arrived: Dispatched, h: torch.Tensor):
         """-> weighted routed outputs per dispatched row [R, dim], shared-expert output [B, T, dim] (or None)."""
-        shared = self.ffn.shared_experts(h) if self.ffn.shared_experts is not None else None
+        with self._recompute():
+            shared = self.ffn.shared_experts(h) if self.ffn.shared_experts is not None else None
         return self.ffn.experts(arrived.rows, arrived.expert_ids, arrived.weights, arrived.packed,
                                 arrived.expert_counts, arrived.complete), shared
 

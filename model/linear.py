@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.grads import accumulate_grad
+from model.swiglu import swiglu
 
 DEFAULT_INIT_STD = 0.02  # for modules built on their own; Transformer re-initialises with model.init_std
 
@@ -78,26 +79,27 @@ class LinearStrategy(Protocol):
                 sizes: list[int] | None) -> torch.Tensor: ...
 
     def swiglu_experts(self, w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, rows: torch.Tensor,
-                       index: torch.Tensor, counts: torch.Tensor, packed: Any, sizes: list[int] | None
-                       ) -> torch.Tensor: ...
+                       index: torch.Tensor, counts: torch.Tensor, packed: Any, sizes: list[int] | None,
+                       scale: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, module: Linear) -> torch.Tensor:
-        w = weight.to(x.dtype)
-        ctx.save_for_backward(x, w)
+        dtype = module.compute_dtype or x.dtype
+        w = weight.to(dtype)
+        ctx.save_for_backward(x, w)  # x as it came: a wider compute dtype is recomputed from it in backward
         ctx.module = module
-        return x @ w.t()  # Fprop
+        return x.to(dtype) @ w.t()  # Fprop
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w = ctx.saved_tensors
         module: Linear = ctx.module
-        dx = dy @ w if ctx.needs_input_grad[0] else None  # Dgrad
+        dx = (dy @ w).to(x.dtype) if ctx.needs_input_grad[0] else None  # Dgrad
         if not ctx.needs_input_grad[1]:
             return dx, None, None
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        x2, dy2 = x.to(w.dtype).reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         dtype = module.weight.dtype
         return dx, return_or_defer(module, lambda: (dy2.t() @ x2).to(dtype)), None  # Wgrad
 
@@ -111,6 +113,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.wgrad_store: WeightGradStore | None = None
         self.fp8: LinearStrategy | None = None  # set by fp8.recipe.apply_fp8
+        self.compute_dtype: torch.dtype | None = None  # None: the input's; e.g. fp32 for the router (model/moe.py)
         if not self.weight.is_meta:  # a meta build is initialised when materialised (model/init.py)
             nn.init.normal_(self.weight, std=DEFAULT_INIT_STD)
 
@@ -211,13 +214,15 @@ class GroupedLinear(nn.Module):
 
 
 def swiglu_experts(w1: GroupedLinear, w3: GroupedLinear, w2: GroupedLinear, rows: torch.Tensor, index: torch.Tensor,
-                   counts: torch.Tensor, packed: Any = None, sizes: list[int] | None = None) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) for x = rows[index], sorted by expert (counts [E] rows each). With an FP8 strategy on
-    w1 the strategy runs the whole FFN (fp8/linear.py: FP8 caches, SwiGLU recomputed in backward); `packed` is the
+                   counts: torch.Tensor, packed: Any = None, sizes: list[int] | None = None,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """w2(scale * silu(w1 x) * w3 x) for x = rows[index], sorted by expert (counts [E] rows each); `scale` [M] fp32
+    (the gate weights, model/swiglu.py says why they scale the SwiGLU output) or None. With an FP8 strategy on w1
+    the strategy runs the whole FFN (fp8/linear.py: FP8 caches, SwiGLU recomputed in backward); `packed` is the
     form in which the dispatch delivered the rows (its payload's, e.g. their exact E4M3 bytes), which such a
     strategy may use as its operand instead of quantising the rows again; None when they arrived as they are.
     `sizes`: `counts` on the host when known (Dispatched.expert_counts)."""
     if w1.fp8 is not None:
-        return w1.fp8.swiglu_experts(w1, w3, w2, rows, index, counts, packed, sizes)
+        return w1.fp8.swiglu_experts(w1, w3, w2, rows, index, counts, packed, sizes, scale)
     x = rows.index_select(0, index)  # backward: an index_add
-    return w2(F.silu(w1(x, counts, sizes)) * w3(x, counts, sizes), counts, sizes)
+    return w2(swiglu(w1(x, counts, sizes), w3(x, counts, sizes), scale), counts, sizes)

@@ -23,11 +23,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
 from model.linear import GroupedLinear, Linear, swiglu_experts
+from model.swiglu import swiglu
 
 
 class MLP(nn.Module):
@@ -40,7 +40,7 @@ class MLP(nn.Module):
         self.w3 = Linear(dim, inter_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 def _counting() -> bool:
@@ -62,6 +62,7 @@ class Gate(Linear):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg.dim, cfg.n_routed_experts, dtype=torch.float32)
+        self.compute_dtype = torch.float32  # routing in fp32 (paper 3.3)
         self.topk, self.n_group, self.topk_group = cfg.n_activated_experts, cfg.n_group, cfg.topk_group
         self.route_scale = cfg.routed_scaling_factor
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
@@ -70,7 +71,7 @@ class Gate(Linear):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        scores = super().forward(x.float()).sigmoid()  # (N, E)
+        scores = super().forward(x).sigmoid()  # (N, E), in fp32 from x in its own dtype (kept so for backward)
         idx = self.select(scores.detach())
         weights = scores.gather(1, idx)
         weights = weights / weights.sum(-1, keepdim=True) * self.route_scale  # (N, K)
@@ -178,11 +179,27 @@ class RoutedExperts(nn.Module):
         else:
             n_valid = flat.numel() if complete else int((flat >= 0).sum())
         pairs = order[:n_valid]  # (M,) flat (row, slot) indices sorted by expert
-        y = swiglu_experts(self.w1, self.w3, self.w2, rows, pairs // k, counts, packed,
-                           expert_counts)  # (M, dim), rows[pairs // k]
-        y = y.float() * weights.flatten()[pairs].unsqueeze(-1)
-        out = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-        return out.index_add_(0, pairs // k, y).to(rows.dtype)
+        token = pairs // k  # one index tensor for the gather and the combine (both keep it for backward)
+        y = swiglu_experts(self.w1, self.w3, self.w2, rows, token, counts, packed, expert_counts,
+                           weights.flatten()[pairs])  # (M, dim), already weighted
+        return _ScatterAddFn.apply(y, token, rows.shape[0])
+
+
+class _ScatterAddFn(torch.autograd.Function):
+    """out[t] = the sum over the rows m of token t of y[m], in fp32, cast to y's dtype. Keeps only the index for
+    backward (autograd's index_add would keep its source too)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, token: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        ctx.save_for_backward(token)
+        acc = torch.promote_types(y.dtype, torch.float32)
+        out = torch.zeros(n_tokens, y.shape[1], dtype=acc, device=y.device)
+        return out.index_add_(0, token, y.to(acc)).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        (token,) = ctx.saved_tensors
+        return dout.index_select(0, token), None, None
 
 
 class Dispatched(NamedTuple):

@@ -14,6 +14,7 @@ from fp8.linear import FP8Spec
 from fp8.recipe import FP8Payload, apply_fp8, fp8_modules
 from model import ConfigError, Transformer
 from model.linear import GroupedLinear, Linear, WeightGradStore, swiglu_experts
+from model.moe import Gate
 from tests.conftest import small_config
 
 SPEC = FP8Spec(get_backend("emulate"), pow2=True)
@@ -148,22 +149,29 @@ def test_fp8_model_is_close_to_the_fp32_model():
     torch.manual_seed(0)
     fp8 = Transformer(small_config())
     apply_fp8(fp8, FP8Config(recipe="emulate"))
+    choices: dict[str, dict[str, torch.Tensor]] = {"ref": {}, "fp8": {}}
+    for key, model in (("ref", ref), ("fp8", fp8)):
+        for name, m in model.named_modules():
+            if isinstance(m, Gate):
+                m.register_forward_hook(lambda m, i, out, name=name, key=key: choices[key].__setitem__(name, out[1]))
     g = torch.Generator().manual_seed(0)
     tokens, labels = torch.randint(0, 101, (2, 16), generator=g), torch.randint(0, 101, (2, 16), generator=g)
     a, b = ref.loss(tokens, labels, 0.3), fp8.loss(tokens, labels, 0.3)
     assert torch.isfinite(b.loss) and abs(a.loss.item() - b.loss.item()) < 1e-2 * a.loss.item()
     a.loss.backward()
     b.loss.backward()
-    # Through the whole network FP8 rounding compounds layer by layer (and may flip a router's choice), so the
-    # bound is looser than one GEMM's: every gradient points the same way, most within a few percent. A router's
-    # own weight gradient jumps where its top-k choice flips (with name-keyed initialisation, model/init.py, this
-    # draw flips one of the MTP block's: 0.234), so routers are held to a bound of their own.
+    # Through the whole network FP8 rounding compounds layer by layer, so the bound is looser than one GEMM's:
+    # every gradient points the same way, most within a few percent. A router whose top-k choice flipped between
+    # the two models (the choice is discrete: its own weight gradient jumps) is the one exception, and only once
+    # the flip is seen (this draw flips a token of the MTP block's router).
+    flipped = {f"{name}.weight" for name, ids in choices["ref"].items()
+               if not torch.equal(ids.sort(-1).values, choices["fp8"][name].sort(-1).values)}
     ref_grads = dict(ref.named_parameters())
     diffs = sorted((calc_diff(p.grad, ref_grads[name].grad), name) for name, p in fp8.named_parameters()
                    if p.grad is not None and ref_grads[name].grad.norm() > 0)
-    others = [d for d, name in diffs if not name.endswith("gate.weight")]
-    routers = [d for d, name in diffs if name.endswith("gate.weight")]
-    assert others[-1] < 0.15 and diffs[len(diffs) // 2][0] < 0.05 and max(routers) < 0.25, diffs
+    held = [d for d, name in diffs if name not in flipped]
+    assert held[-1] < 0.15 and diffs[len(diffs) // 2][0] < 0.05, diffs
+    assert all(d < 0.25 for d, name in diffs if name in flipped), (flipped, diffs)
 
 
 def test_an_unavailable_backend_fails_with_the_reason():
