@@ -6,7 +6,7 @@ What it measures, on one token batch shared by every variant:
           fused into its cross-entropy (model/loss.py), on the next tokens (no MTP), for
           each routed-expert GEMM backend (`expert_gemm` = grouped_mm, loop);
 - ours + MTP: `model.loss(tokens, labels, mtp_lambda)` + backward, the full training objective (extra row);
-- HF:     DeepseekV3ForCausalLM loaded from `model.hf.save_hf` of the same weights, `labels=` loss + backward, with
+- HF:     DeepseekV3ForCausalLM loaded from `trainer.hf.save_hf` of the same weights, `labels=` loss + backward, with
           attn_implementation "eager" and "sdpa" (use_cache=False, as in training).
 
 The variants run interleaved (A, B, C, ... then B, C, ..., A; the order rotates) after warm-up, so that machine
@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from model import ModelConfig, Transformer, presets
-from model.hf import save_hf
 from model.linear import GroupedLinear, Linear
 from model.transformer import IGNORE_INDEX, shift_left
+from trainer.hf import save_hf
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model_step.json"
 Step = Callable[[], torch.Tensor]  # runs forward + loss + backward, returns the (detached) loss

@@ -59,6 +59,10 @@ class TrainerConfig(Config):
     checkpoint_every: int = 100  # steps between checkpoints (one is always written at the end); 0 = end only
     keep_checkpoints: int = 3  # complete checkpoints kept (oldest removed first)
     resume: str | None = "auto"  # auto = newest complete checkpoint in run_dir if any | a checkpoint path | None
+    # start from these weights only (a checkpoint, a run directory or a Hugging Face directory, DeepSeek's FP8
+    # release included): optimizer, schedules, data position and step start fresh; a checkpoint in run_dir wins
+    init_from: str | None = None
+    init_missing: str | None = None  # mtp = initialise MTP weights the init_from source lacks | None = an error
     eval_every: int = 50  # steps between validation passes; 0 = off
     eval_batches: int = 4  # micro-batches per validation pass
     ema_decay: float = 0.0  # EMA of the weights kept on CPU (paper 3.2.3); 0 = off, e.g. 0.999
@@ -71,6 +75,9 @@ class TrainerConfig(Config):
         for name in ("checkpoint_every", "eval_every", "eval_batches", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.init_missing not in (None, "mtp"):
+            raise ConfigError(f"trainer.init_missing={self.init_missing!r}: must be mtp (initialise MTP weights the "
+                              "trainer.init_from source lacks) or null")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"trainer.global_batch_size={self.global_batch_size} is not a multiple of "
                               f"trainer.micro_batch_size={self.micro_batch_size}")

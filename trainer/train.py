@@ -56,6 +56,7 @@ from trainer.balance import BiasBalancer
 from trainer.checkpoint import CheckpointError, ensure_writable, latest_checkpoint
 from trainer.config import CONFIG_MODULE, RunConfig, TrainerConfig, compose_config, load_config
 from trainer.ema import EMA
+from trainer.init_from import load_init
 from trainer.metrics import Metrics
 from trainer.rundir import rank_log, record_config, run_dir_for
 from trainer.shards import Shards, model_index
@@ -123,29 +124,34 @@ class ModelPart:
     params: set[str]
 
 
-def build_model(cfg: RunConfig, grid: ProcessGrid) -> ModelPart:
+def build_model(cfg: RunConfig, grid: ProcessGrid, init_from: str | None = None) -> ModelPart:
     """The model part, pipeline and optimizer of this rank: the whole model on the meta device (shapes, no
     memory), cut by `parallelize`, then only the kept part allocated on the grid's device and initialised
-    (model/init.py), in the compute dtype with fp32 main gradients. On a "meta" grid (hai-plan --dry-run)
-    nothing is allocated or initialised at all."""
+    (model/init.py), or given `init_from`'s weights (trainer/init_from.py), in the compute dtype with fp32 main
+    gradients. On a "meta" grid (hai-plan --dry-run) nothing is allocated or initialised at all."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     shapes, params = model_index(model)
     dtype = torch_dtype(cfg.trainer.dtype)
     pipeline = parallelize(model, grid, cfg.parallel, cfg.fp8, dtype)
     materialize(model, grid.device, cfg.trainer.seed, cfg.model.init_std)
+    if init_from is not None:
+        line = load_init(init_from, cfg.trainer.init_missing, model, Shards(grid, pipeline, shapes, params), grid)
+        if grid.is_main:
+            print(line, flush=True)
     cast_for_compute(model, dtype)
     attach_main_grads(model.parameters())
     opt = build_optimizer(model, grid, pipeline, cfg.optim)
     return ModelPart(model, pipeline, opt, shapes, params)
 
 
-def build(cfg: RunConfig, grid: ProcessGrid) -> Run:
+def build(cfg: RunConfig, grid: ProcessGrid, init_from: str | None = None) -> Run:
+    """This rank's run: data, model part (initialised, or from `init_from`), pipeline, optimizer, balancer."""
     configure_torch(cfg.trainer, grid.device)
     torch.manual_seed(cfg.trainer.seed)
     data = build_data(cfg.data, seed=cfg.trainer.seed, dp_rank=grid.dp_rank, dp_size=grid.dp)
     check_vocab(data.vocab_size, cfg.model.vocab_size)
-    part = build_model(cfg, grid)
+    part = build_model(cfg, grid, init_from)
     model, pipeline, opt, shapes, params = part.model, part.pipeline, part.opt, part.shapes, part.params
     balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=grid.dp_group,
                             replicas=pipeline.gate_replicas(), report_group=grid.pp_group if grid.pp > 1 else None,
@@ -221,9 +227,13 @@ def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> Tra
     if not cfg.validated_for(grid.world_size):
         cfg.validate(grid.world_size)
     ensure_writable(run_dir)
-    run = build(cfg, grid)
-    state, reader = TrainState(), None
     checkpoint = resume_from(cfg, run_dir, grid)
+    init_from = cfg.trainer.init_from if checkpoint is None else None
+    if checkpoint is not None and cfg.trainer.init_from and grid.is_main:
+        print(f"{run_dir} holds a checkpoint: resuming it (trainer.resume={cfg.trainer.resume}); "
+              f"trainer.init_from={cfg.trainer.init_from} is not used", flush=True)
+    run = build(cfg, grid, init_from)
+    state, reader = TrainState(), None
     if checkpoint is not None:
         state, reader = restore(checkpoint, cfg, grid, run.shards, run.model, run.opt, run.data)
         if grid.is_main:

@@ -19,7 +19,7 @@ EP2 = ["parallel.ep=2", "parallel.gpus_per_node=2"]
 
 
 def _exported(run: Path, out: Path, ema: bool) -> dict[str, torch.Tensor]:
-    from model.hf import load_hf
+    from trainer.hf import load_hf
     from trainer.export import export
 
     export(run, out, ema=ema)

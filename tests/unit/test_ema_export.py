@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from model import Transformer
-from model.hf import load_hf
 from tests.conftest import small_config
 from trainer.checkpoint import save_checkpoint
 from trainer.config import RunConfig
 from trainer.ema import EMA
 from trainer.export import main as export_main
+from trainer.hf import load_hf
 
 
 def test_ema_matches_float64_reference():

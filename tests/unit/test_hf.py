@@ -1,4 +1,4 @@
-"""Hugging Face interop (model/hf.py), checked against transformers' own DeepseekV3ForCausalLM.
+"""Hugging Face interop (trainer/hf.py), checked against transformers' own DeepseekV3ForCausalLM.
 
 What is proven:
 - `save_hf` writes a directory that `AutoModelForCausalLM` loads as DeepseekV3ForCausalLM computing the
@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ConfigError, ModelConfig, YarnConfig
-from model.hf import load_hf, save_hf
 from model.transformer import Transformer
+from trainer.hf import load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()  # the MTP layer is "not used" by transformers, by design
@@ -165,7 +165,7 @@ def test_transformers_resaved_directory_loads_without_mtp(tmp_path, caplog):
     save_hf(model, tmp_path / "ours")
     load_reference(tmp_path / "ours").save_pretrained(tmp_path / "hf", max_shard_size="100KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # sharded: the index path is read
-    with caplog.at_level(logging.WARNING, logger="model.hf"):
+    with caplog.at_level(logging.WARNING, logger="trainer.hf"):
         loaded = load_hf(tmp_path / "hf")
     assert "no MTP tensors" in caplog.text
     assert loaded.cfg.n_mtp_depth == 0 and len(loaded.mtp) == 0

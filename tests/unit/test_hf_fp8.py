@@ -1,0 +1,169 @@
+"""DeepSeek's released FP8 checkpoint format (trainer/hf.py): `save_hf(..., fp8=True)` quantises exactly the tensors
+the release quantises, in 128x128 blocks with fp32 `_scale_inv` (tails cut), and `load_hf` / `HFReader` read it
+back against a float64 reference of the release's rule (weight = fp8 x scale_inv per block); a scale in another
+shard than its weight is found; missing or mis-shaped scales fail naming the tensor; both directions stream
+(peak memory measured in a fresh process against a budget)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import Transformer
+from model.config import ModelConfig
+from trainer.hf import HFReader, load_hf, released_in_fp8, save_hf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=300, dim=160, n_layers=3, first_k_dense=1, inter_dim=200, n_heads=2, q_lora_rank=136,
+                kv_lora_rank=72, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                n_shared_experts=1, n_activated_experts=2, moe_inter_dim=136, n_group=1, topk_group=1,
+                n_mtp_depth=1, max_seq_len=64)
+    return ModelConfig(**{**base, **overrides}).validate()
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(_config())
+    with torch.no_grad():
+        for name, buf in m.named_buffers():
+            if name.endswith("gate.bias"):
+                buf.uniform_(-0.1, 0.1)
+    return m
+
+
+def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_exactly_the_released_tensors_are_fp8_with_block_scales(model, tmp_path):
+    save_hf(model, tmp_path, fp8=True)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": [128, 128]}
+    tensors = _all_tensors(tmp_path)
+    fp8 = {n for n, t in tensors.items() if t.dtype == torch.float8_e4m3fn}
+    n_layers = model.cfg.n_layers
+    # the release's rule, written out: every Linear weight inside a decoder layer (the MTP layer's block too)
+    linear = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    expected = {n for n in tensors if n.startswith("model.layers.") and n.endswith(".weight")
+                and n.split(".")[-2] in linear}
+    assert fp8 == expected and len(fp8) == len({n for n in fp8 if released_in_fp8(n)})
+    assert f"model.layers.{n_layers}.self_attn.o_proj.weight" in fp8  # MTP's block
+    assert f"model.layers.{n_layers}.mlp.experts.3.down_proj.weight" in fp8
+    for kept in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
+                 f"model.layers.{n_layers}.eh_proj.weight", f"model.layers.{n_layers}.enorm.weight",
+                 f"model.layers.{n_layers}.shared_head.head.weight", "model.layers.0.input_layernorm.weight"):
+        assert tensors[kept].dtype == torch.bfloat16, kept
+    assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    for name in fp8:
+        scale = tensors[name + "_scale_inv"]
+        rows, cols = tensors[name].shape
+        assert scale.dtype == torch.float32 and scale.shape == (-(-rows // 128), -(-cols // 128)), name
+    assert not any(n.endswith("_scale_inv") and n[: -len("_scale_inv")] not in fp8 for n in tensors)
+
+
+def _release_dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The release's rule in float64: each 128x128 block times its scale_inv; the edge blocks cut."""
+    s = scale.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[: q.shape[0], : q.shape[1]]
+    return q.double() * s
+
+
+def test_load_dequantises_as_the_release_says(model, tmp_path):
+    save_hf(model, tmp_path, fp8=True)
+    raw = _all_tensors(tmp_path)
+    # every scale in another shard than its weight, named by the index (DeepSeek's shards do split pairs)
+    scales = {n: t for n, t in raw.items() if n.endswith("_scale_inv")}
+    save_file({n: t for n, t in raw.items() if n not in scales}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(scales, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    weight_map = {n: f"model-0000{1 + (n in scales)}-of-00002.safetensors" for n in raw}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded = load_hf(tmp_path)
+    assert loaded.cfg.to_dict() == model.cfg.to_dict()
+    got = loaded.state_dict()
+    for e in range(4):
+        name = f"model.layers.1.mlp.experts.{e}.up_proj.weight"
+        want = _release_dequant(raw[name], raw[name + "_scale_inv"]).float()
+        assert torch.equal(got["layers.1.ffn.experts.w3.weight"][e], want)
+    want = _release_dequant(raw["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
+                            raw["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"]).float()
+    assert torch.equal(got["layers.0.attn.wkv_a.weight"], want)
+    # the quantisation error is the format's: a few percent of each block's largest value at most
+    ref = model.state_dict()["layers.0.attn.wkv_a.weight"]
+    assert (want - ref).abs().max() <= 0.07 * ref.abs().max()
+    assert torch.equal(got["head.weight"], ref_bf16 := model.state_dict()["head.weight"].bfloat16().float()), ref_bf16
+    assert torch.equal(got["layers.1.ffn.gate.bias"], model.state_dict()["layers.1.ffn.gate.bias"])  # fp32 kept
+
+
+def test_missing_or_misshaped_scales_fail_naming_the_weight(model, tmp_path):
+    save_hf(model, tmp_path, fp8=True)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(str(file))
+    name = "model.layers.1.mlp.shared_experts.down_proj.weight"
+    save_file({n: t for n, t in tensors.items() if n != name + "_scale_inv"}, str(file))
+    with pytest.raises(KeyError, match=name.replace(".", r"\.") + ".*_scale_inv"):
+        HFReader(tmp_path)
+    tensors[name + "_scale_inv"] = tensors[name + "_scale_inv"][:, :1].contiguous()
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match=r"_scale_inv has shape"):
+        HFReader(tmp_path)
+
+
+def test_other_quantisation_is_refused(model, tmp_path):
+    save_hf(model, tmp_path, fp8=True)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf["quantization_config"]["weight_block_size"] = [64, 64]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    from core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_block_size"):
+        HFReader(tmp_path)
+
+
+_PEAK = """
+import json, resource, sys, torch
+from pathlib import Path
+from trainer.hf import HFReader, write_hf
+torch.set_num_threads(1)
+src, dst, fp8 = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+reader = HFReader(src)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def tensor(name, expert):
+    return reader.tensor("model", name) if expert is None else reader.expert(name, expert)
+write_hf(dst, reader.cfg, tensor, torch.bfloat16, fp8=fp8, shard_bytes=4 << 20)
+print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_conversion_streams_within_a_budget(tmp_path):
+    """bf16 -> FP8 -> bf16 of a model of 60 MB whose largest tensor is 4 MB: each conversion's peak memory
+    over its start stays under the largest tensor (fp32) times a few plus one 4 MB shard, not the model."""
+    torch.manual_seed(0)
+    cfg = _config(dim=512, n_layers=4, inter_dim=1024, moe_inter_dim=256, n_routed_experts=8, vocab_size=2048)
+    model = Transformer(cfg).to(torch.bfloat16)
+    save_hf(model, tmp_path / "bf16", shard_bytes=4 << 20)
+    model_bytes = sum(t.numel() * 2 for t in model.state_dict().values())
+    largest = max(t[0].numel() if ".experts." in n else t.numel() for n, t in model.state_dict().items()) * 4
+    del model
+    for src, dst, fp8 in (("bf16", "fp8", "1"), ("fp8", "back", "0")):
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / src), str(tmp_path / dst), fp8],
+                             capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        peak = json.loads(out.strip().splitlines()[-1])
+        grown = (peak["peak_kb"] - peak["base_kb"]) * 1024
+        assert grown < 6 * largest + (4 << 20) + (16 << 20), (grown, largest, model_bytes)
+        assert grown < model_bytes / 2, (grown, model_bytes)
+    assert json.loads((tmp_path / "back" / "config.json").read_text()).get("quantization_config") is None
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
