@@ -124,6 +124,15 @@ class Transformer(nn.Module):
         return LossOutput(total, main.detach(), mtp_losses)
 
 
+def position_losses(model: Transformer, h: torch.Tensor, labels: torch.Tensor, buckets: int) -> torch.Tensor:
+    """The next-token loss of each of `buckets` consecutive position ranges of the sequence (the first 1/buckets of
+    positions, then the next, ...; `torch.tensor_split` sizes), [buckets] float64: the view of a long-context
+    extension (paper 4.3), where the positions beyond the trained length are the ones that change."""
+    normed = model.norm(h)
+    return torch.stack([linear_cross_entropy(n, model.head, y).double()
+                        for n, y in zip(normed.tensor_split(buckets, dim=1), labels.tensor_split(buckets, dim=1))])
+
+
 def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     """x[:, i + k] at position i; the last k positions get `fill`."""
     if k == 0:

@@ -65,6 +65,8 @@ class TrainerConfig(Config):
     init_missing: str | None = None  # mtp = initialise MTP weights the init_from source lacks | None = an error
     eval_every: int = 50  # steps between validation passes; 0 = off
     eval_batches: int = 4  # micro-batches per validation pass
+    # validation loss also per 1/N of the positions (val_loss_by_position, first to last); 0 = off
+    eval_position_buckets: int = 8
     ema_decay: float = 0.0  # EMA of the weights kept on CPU (paper 3.2.3); 0 = off, e.g. 0.999
     max_skipped_steps: int = 0  # non-finite loss: skip up to this many steps in a row, then stop
 
@@ -72,7 +74,7 @@ class TrainerConfig(Config):
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "eval_every", "eval_batches", "max_skipped_steps"):
+        for name in ("checkpoint_every", "eval_every", "eval_batches", "eval_position_buckets", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
         if self.init_missing not in (None, "mtp"):
@@ -117,6 +119,8 @@ class ExperimentConfig(Config):
 
     name: str = "tiny"  # names the run directories: runs/<name>/<time>
     description: str = ""  # one line on what the bundle reproduces
+    # a stage that continues an earlier one (the long-context extensions, paper 4.3): needs trainer.init_from
+    continues: str | None = None  # what it continues, e.g. "the pre-training run"; None = a stage of its own
 
     def validate(self) -> ExperimentConfig:
         if not self.name or "/" in self.name:
@@ -155,6 +159,9 @@ class RunConfig:
         for group in (self.model, self.fp8, self.data, self.optim, self.trainer, self.logging, self.experiment):
             group.validate()
         self.parallel.validate(world_size)
+        if self.experiment.continues and not self.trainer.init_from:
+            raise ConfigError(f"experiment={self.experiment.name} continues {self.experiment.continues}: give "
+                              "trainer.init_from=<its run directory, one of its checkpoints or its hai-export>")
         check_model_layout(self.parallel, self.model)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="

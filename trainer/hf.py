@@ -57,6 +57,7 @@ SCALE = "_scale_inv"  # suffix of a weight's block scales
 _RELEASED_FP8 = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj"
                            r"|o_proj)|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight")
 SHARD_BYTES = 4 * 2**30  # a written shard's size, at most (one larger tensor gets a shard of its own)
+OPEN_FILES = 2  # safetensors files a reader keeps open (memory-mapped) at once
 
 
 def released_in_fp8(hf_name: str) -> bool:
@@ -305,6 +306,18 @@ def save_hf(model: Transformer, path: str | Path, fp8: bool = False, shard_bytes
     write_hf(path, model.cfg, tensor, model.head.weight.dtype, fp8, shard_bytes)
 
 
+def convert_hf(src: str | Path, dst: str | Path, fp8: bool, shard_bytes: int = SHARD_BYTES) -> None:
+    """A DeepseekV3 directory rewritten in the FP8 release form (`fp8`) or in BF16 (DeepSeek's fp8_cast_bf16.py:
+    the FP8 weights dequantised and rounded to BF16 once, the router bias kept in fp32), streamed."""
+    reader = HFReader(src)
+
+    def tensor(name: str, expert: int | None) -> torch.Tensor:
+        t = reader.tensor("model", name) if expert is None else reader.expert(name, expert)
+        return t if fp8 or name.endswith("gate.bias") else t.to(torch.bfloat16)
+
+    write_hf(dst, reader.cfg, tensor, torch.bfloat16, fp8=fp8, shard_bytes=shard_bytes)
+
+
 # ---- reading ----------------------------------------------------------------------------------------------
 
 def _index(path: Path) -> dict[str, str]:
@@ -400,8 +413,15 @@ class HFReader:
 
     # -- reading
     def _file(self, hf_name: str):
+        """The open file holding `hf_name`. At most OPEN_FILES stay open: an open file is memory-mapped, and every
+        page read through the map counts in the process's resident memory until the file is closed; tensors are
+        read in layer order, which is file order, so each file is opened about once."""
         name = self._where[hf_name]
-        if name not in self._open:
+        if name in self._open:
+            self._open[name] = self._open.pop(name)  # most recently used last
+        else:
+            while len(self._open) >= OPEN_FILES:
+                self._open.pop(next(iter(self._open)))
             try:
                 self._open[name] = safe_open(str(self.path / name), framework="pt")
             except (SafetensorError, OSError, ValueError) as err:

@@ -160,9 +160,20 @@ def build(cfg: RunConfig, grid: ProcessGrid, init_from: str | None = None) -> Ru
 
 
 @torch.no_grad()
+def validation(grid: ProcessGrid, pipeline: Pipeline, batches: list[Batch], buckets: int = 0) -> dict:
+    """{"val_loss": the mean next-token loss of `batches` on every DP rank, and with `buckets` (trainer.
+    eval_position_buckets) "val_loss_by_position": the same of each 1/buckets of the positions, first to last}."""
+    keys = ("val_loss", *(f"pos{b}" for b in range(buckets)))
+    means = reduce.step_means(grid, pipeline.evaluate(batches, buckets), len(batches), keys)
+    out = {"val_loss": means["val_loss"]}
+    if buckets:
+        out["val_loss_by_position"] = [means[f"pos{b}"] for b in range(buckets)]
+    return out
+
+
 def evaluate(grid: ProcessGrid, pipeline: Pipeline, batches: list[Batch]) -> float:
     """The validation loss: the mean next-token loss of `batches` on every DP rank."""
-    return reduce.step_means(grid, pipeline.evaluate(batches).view(1), len(batches), ("val",))["val"]
+    return validation(grid, pipeline, batches)["val_loss"]
 
 
 def train_step(cfg: RunConfig, grid: ProcessGrid, state: TrainState, run: Run) -> dict[str, float]:
@@ -257,7 +268,7 @@ def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> Tra
             metrics.log_step({**record, "step_time_s": step_time,
                               "tokens_per_s": record["tokens_in_step"] / step_time, **ranks})
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
-                metrics.log_eval(state.step, {"val_loss": evaluate(grid, run.pipeline, valid)})
+                metrics.log_eval(state.step, validation(grid, run.pipeline, valid, cfg.trainer.eval_position_buckets))
             every = cfg.trainer.checkpoint_every
             if (every and state.step % every == 0) or state.step == cfg.trainer.max_steps:
                 save(run_dir, cfg, grid, run.shards, state, run.model, run.opt, run.data, ema)

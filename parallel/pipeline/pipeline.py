@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from model.block import run_steps
 from model.moe import MoE, gates
-from model.transformer import LossOutput, Transformer
+from model.transformer import LossOutput, Transformer, position_losses
 from parallel.config import ParallelConfig
 from parallel.grid import ProcessGrid
 from parallel.pipeline.executor import PipelineExecutor, StepStats
@@ -62,9 +62,9 @@ class ModelStage:
     micro-batch's loss scaled by 1 / micro-batches (training) or its next-token loss (evaluation)."""
 
     def __init__(self, pipeline: Pipeline, spec: StageSpec, batches: list[Batch], sums: torch.Tensor,
-                 mtp_lambda: float, training: bool) -> None:
+                 mtp_lambda: float, training: bool, buckets: int = 0) -> None:
         self.pipeline, self.spec, self.batches, self.sums = pipeline, spec, batches, sums
-        self.mtp_lambda, self.training = mtp_lambda, training
+        self.mtp_lambda, self.training, self.buckets = mtp_lambda, training, buckets
         self.moes = pipeline.moes(spec)
         self.modules = pipeline.wgrad_modules
         self.dispatchers = [moe.dispatcher for moe in self.moes]
@@ -72,12 +72,16 @@ class ModelStage:
     def steps(self, x: torch.Tensor | None, m: int) -> Generator[None, None, torch.Tensor]:
         """The forward as a generator pausing after each all-to-all it launches (model.block.Block.steps)."""
         batch = self.pipeline.micro_batch(self.batches[m])
-        out = yield from stage_steps(self.pipeline.model, self.spec, x, batch, self.mtp_lambda)
         if not self.training:
-            if self.spec.last:
-                self.sums[0] += out.main
-                return out.main
-            return out
+            h = yield from stage_steps(self.pipeline.model, self.spec, x, batch, output=False)
+            if not self.spec.last:
+                return h
+            main = self.pipeline.model.output_loss(h, batch.labels).main
+            self.sums[0] += main
+            if self.buckets:
+                self.sums[1:] += position_losses(self.pipeline.model, h, batch.labels, self.buckets)
+            return main
+        out = yield from stage_steps(self.pipeline.model, self.spec, x, batch, self.mtp_lambda)
         for moe in self.moes:
             if moe.last_aux_loss is not None:
                 self.sums[3] += moe.last_aux_loss
@@ -202,13 +206,14 @@ class Pipeline:
         return sums
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
-        """Sum of the next-token losses of the micro-batches whose last stage ran on this rank (a float64 tensor
-        on the device)."""
-        total = torch.zeros(1, dtype=torch.float64, device=self.grid.device)
-        stages = [ModelStage(self, spec, batches, total, 0.0, training=False) for spec in self.specs]
+    def evaluate(self, batches: list[Batch], buckets: int = 0) -> torch.Tensor:
+        """Sums over the micro-batches whose last stage ran on this rank (a float64 tensor on the device): of the
+        next-token losses, then of the losses of each of `buckets` position ranges (model.transformer:
+        position_losses)."""
+        total = torch.zeros(1 + buckets, dtype=torch.float64, device=self.grid.device)
+        stages = [ModelStage(self, spec, batches, total, 0.0, training=False, buckets=buckets) for spec in self.specs]
         n = len(batches)
         schedule = ForwardOnly(self.schedule)
         self._executor(schedule, stages, batches[0]).run(schedule.actions(self.grid.pp_rank, n), n,
                                                          forward_only=True)
-        return total[0]
+        return total
