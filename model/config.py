@@ -69,6 +69,9 @@ class ModelConfig(Config):
     seq_aux_alpha: float = 1e-4  # weight alpha of the complementary sequence-wise loss (aux_free)
     aux_loss_alpha: float = 1e-3  # weight of the classic expert-level balance loss (aux_loss)
     expert_gemm: ExpertGemm = ExpertGemm("grouped_mm")  # routed-expert GEMM: grouped_mm | loop (over experts)
+    # route token t to experts tK .. tK + K - 1 (mod E) whatever the scores: a perfectly even load for benchmarks and
+    # memory tests (the gate weights still come from the scores); every metrics record says when it is on
+    force_balance: bool = False
     # mtp (2.2)
     n_mtp_depth: int = 1  # MTP depth D; 0 = no MTP modules
     # memory savers (3.2.3)

@@ -65,6 +65,7 @@ class Gate(Linear):
         self.compute_dtype = torch.float32  # routing in fp32 (paper 3.3)
         self.topk, self.n_group, self.topk_group = cfg.n_activated_experts, cfg.n_group, cfg.topk_group
         self.route_scale = cfg.routed_scaling_factor
+        self.force_balance = cfg.force_balance
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # tokens routed to each expert since the trainer last read them (not checkpointed)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
@@ -82,7 +83,12 @@ class Gate(Linear):
         return scores, idx, weights
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Group-limited top-K of the biased scores; the bias never reaches the gate value."""
+        """Group-limited top-K of the biased scores; the bias never reaches the gate value. With force_balance,
+        round-robin instead: token t gets experts tK .. tK + K - 1 modulo E."""
+        if self.force_balance:
+            n, e = scores.shape
+            slots = torch.arange(n, device=scores.device).unsqueeze(1) * self.topk
+            return (slots + torch.arange(self.topk, device=scores.device)) % e
         biased = scores + self.bias  # (N, E)
         if self.n_group > 1:
             grouped = biased.unflatten(1, (self.n_group, -1))  # (N, G, E/G)

@@ -61,7 +61,7 @@ META = "meta.json"
 INDEX_KEY = "hai_index"  # the safetensors header entry holding its file's piece index
 FORMAT = 2
 # memory savers (paper 3.2.3) and the expert-GEMM backend: the same weights, so a checkpoint may switch them
-RUNTIME_ONLY_FIELDS = ("recompute_norm", "recompute_mla_up_proj", "expert_gemm")
+RUNTIME_ONLY_FIELDS = ("recompute_norm", "recompute_mla_up_proj", "expert_gemm", "force_balance")
 
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _WRITER_DIR = re.compile(r"step_\d{8,}\.(?:tmp|old)-(\d+)")

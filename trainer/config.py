@@ -102,10 +102,15 @@ class LoggingConfig(Config):
     # steps between records that also hold every rank's value of each per-rank quantity (`per_rank` in
     # metrics.jsonl, never W&B); every record holds their max, mean and argmax rank; 0 = never
     per_rank_every: int = 100
+    # steps between records of every MoE layer's tokens per expert (expert_load.jsonl; expert_load.png, the view
+    # of the paper's Figure 9, at the end); 0 = never
+    expert_load_every: int = 10
 
     def validate(self) -> LoggingConfig:
         if self.log_every < 1:
             raise ConfigError(f"logging.log_every: must be >= 1, got {self.log_every}")
+        if self.expert_load_every < 0:
+            raise ConfigError(f"logging.expert_load_every: must be >= 0 (0 = never), got {self.expert_load_every}")
         if self.per_rank_every < 0:
             raise ConfigError(f"logging.per_rank_every: must be >= 0 (0 = never), got {self.per_rank_every}")
         return self

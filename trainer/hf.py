@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from core.config import ConfigError
@@ -57,7 +57,6 @@ SCALE = "_scale_inv"  # suffix of a weight's block scales
 _RELEASED_FP8 = re.compile(r"model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj"
                            r"|o_proj)|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight")
 SHARD_BYTES = 4 * 2**30  # a written shard's size, at most (one larger tensor gets a shard of its own)
-OPEN_FILES = 2  # safetensors files a reader keeps open (memory-mapped) at once
 
 
 def released_in_fp8(hf_name: str) -> bool:
@@ -320,6 +319,26 @@ def convert_hf(src: str | Path, dst: str | Path, fp8: bool, shard_bytes: int = S
 
 # ---- reading ----------------------------------------------------------------------------------------------
 
+# safetensors dtype codes -> torch dtypes (the ones a DeepseekV3 directory holds)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+
+
+def _header(file: Path) -> tuple[int, dict[str, dict]]:
+    """(where the data begins, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file: its 8-byte
+    little-endian header length, then the JSON header (the format's whole layout)."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100 * 2**20:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return 8 + n, {k: v for k, v in header.items() if {"dtype", "shape", "data_offsets"} <= set(v)}
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+
+
 def _index(path: Path) -> dict[str, str]:
     """HF tensor name -> the file holding it, from the index file or the files' headers (nothing else read)."""
     index = path / "model.safetensors.index.json"
@@ -332,14 +351,7 @@ def _index(path: Path) -> dict[str, str]:
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files (nor model.safetensors.index.json)")
-    where = {}
-    for name in files:
-        try:
-            with safe_open(str(path / name), framework="pt") as f:
-                where.update(dict.fromkeys(f.keys(), name))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path / name}: not a readable safetensors file ({err})") from err
-    return where
+    return {key: name for name in files for key in _header(path / name)[1]}
 
 
 class HFReader:
@@ -357,7 +369,7 @@ class HFReader:
         self.cfg = config_from_hf(hf, self.path)
         self.fp8 = _check_fp8_config(hf, self.path)
         self._where = _index(self.path)
-        self._open: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict[str, dict]]] = {}
         cfg = self.cfg
         mtp_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(cfg.n_mtp_depth))
         if cfg.n_mtp_depth and not any(n.startswith(mtp_prefixes) for n in self._where):
@@ -371,10 +383,19 @@ class HFReader:
         self._check()
 
     # -- checks
+    def _entry(self, hf_name: str) -> tuple[Path, int, dict]:
+        """(file, where its data begins, the tensor's header entry)."""
+        name = self._where[hf_name]
+        if name not in self._headers:
+            self._headers[name] = _header(self.path / name)
+        start, entries = self._headers[name]
+        if hf_name not in entries:
+            raise ValueError(f"{self.path / name}: lacks {hf_name}, which model.safetensors.index.json places there")
+        return self.path / name, start, entries[hf_name]
+
     def _meta(self, hf_name: str) -> tuple[tuple[int, ...], str]:
-        f = self._file(hf_name)
-        s = f.get_slice(hf_name)
-        return tuple(s.get_shape()), s.get_dtype()
+        entry = self._entry(hf_name)[2]
+        return tuple(entry["shape"]), entry["dtype"]
 
     def _check(self) -> None:
         wanted = {hf for hf_list in self._hf.values() for hf in hf_list}
@@ -412,27 +433,35 @@ class HFReader:
                              f"{BLOCK}x{BLOCK} block, tails cut)")
 
     # -- reading
-    def _file(self, hf_name: str):
-        """The open file holding `hf_name`. At most OPEN_FILES stay open: an open file is memory-mapped, and every
-        page read through the map counts in the process's resident memory until the file is closed; tensors are
-        read in layer order, which is file order, so each file is opened about once."""
-        name = self._where[hf_name]
-        if name in self._open:
-            self._open[name] = self._open.pop(name)  # most recently used last
-        else:
-            while len(self._open) >= OPEN_FILES:
-                self._open.pop(next(iter(self._open)))
-            try:
-                self._open[name] = safe_open(str(self.path / name), framework="pt")
-            except (SafetensorError, OSError, ValueError) as err:
-                raise ValueError(f"{self.path / name}: not a readable safetensors file ({err})") from err
-        return self._open[name]
+    def _read(self, hf_name: str) -> torch.Tensor:
+        """One stored tensor, read with plain file reads: a memory map (safetensors' safe_open) would keep every
+        page it touched resident in this process until the file is closed, so converting one multi-GB shard would
+        hold all of it."""
+        file, start, entry = self._entry(hf_name)
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{file}: {hf_name} has dtype {entry['dtype']}, not one a DeepseekV3 checkpoint uses")
+        a, z = entry["data_offsets"]
+        numel = math.prod(entry["shape"])
+        if z - a != numel * torch.empty(0, dtype=dtype).element_size():
+            raise ValueError(f"{file}: {hf_name}'s data ({z - a} bytes) does not fit its shape {entry['shape']}")
+        buf = bytearray(z - a)
+        try:
+            with open(file, "rb") as f:
+                got = os.preadv(f.fileno(), [buf], start + a)
+        except OSError as err:
+            raise ValueError(f"{file}: cannot read {hf_name} ({err})") from err
+        if got != len(buf):
+            raise ValueError(f"{file}: truncated ({hf_name} needs bytes up to {start + z})")
+        if not buf:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).view(entry["shape"])
 
     def hf_tensor(self, hf_name: str) -> torch.Tensor:
         """One HF tensor as stored, or dequantised to fp32 if it is an FP8 weight."""
-        t = self._file(hf_name).get_tensor(hf_name)
+        t = self._read(hf_name)
         if t.dtype == torch.float8_e4m3fn:
-            return dequantize(t, self._file(hf_name + SCALE).get_tensor(hf_name + SCALE).float(), (BLOCK, BLOCK))
+            return dequantize(t, self._read(hf_name + SCALE).float(), (BLOCK, BLOCK))
         return t
 
     def names(self, group: str = "model") -> list[str]:

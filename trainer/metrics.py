@@ -25,6 +25,8 @@ from trainer.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+LOADS_FILE = "expert_load.jsonl"
+LOADS_PLOT = "expert_load.png"
 ETA_WINDOW = 20  # step times averaged for the ETA
 
 
@@ -42,6 +44,8 @@ class Metrics:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_after(self.path, resume_step)
         self._file = open(self.path, "a")
+        self.loads_path = self.run_dir / LOADS_FILE
+        _truncate_after(self.loads_path, resume_step)
         self._step_times: deque[float] = deque(maxlen=ETA_WINDOW)
         self._wandb = _start_wandb(cfg, self.run_dir, run_config) if cfg.wandb else None
         self._closed = False
@@ -56,6 +60,15 @@ class Metrics:
         step = record["step"]
         if step % self.cfg.log_every == 0 or step == self.total_steps:
             print(self._progress_line(record), flush=True)
+
+    def log_expert_loads(self, step: int, loads: dict[str, list[float]]) -> None:
+        """Every MoE layer's tokens per expert at `step`, into expert_load.jsonl every logging.expert_load_every
+        steps (for the heatmap; metrics.jsonl and W&B get the per-layer summaries only)."""
+        every = self.cfg.expert_load_every
+        if not every or not loads or (step % every and step != self.total_steps):
+            return
+        with open(self.loads_path, "a") as f:
+            f.write(json.dumps({"step": step, "loads": loads}) + "\n")
 
     def log_eval(self, step: int, record: dict[str, Any]) -> None:
         """A validation result at `step`, e.g. {"val_loss": 3.2}."""
@@ -72,7 +85,11 @@ class Metrics:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
-        return plot_losses(self.path, self.run_dir / PLOT_FILE) if self.cfg.plot else None
+        if not self.cfg.plot:
+            return None
+        if self.loads_path.exists():
+            plot_expert_loads(self.loads_path, self.run_dir / LOADS_PLOT)
+        return plot_losses(self.path, self.run_dir / PLOT_FILE)
 
     def _write(self, record: dict[str, Any]) -> None:
         record = _jsonable(record)
@@ -228,3 +245,34 @@ def plot_losses(metrics_file: Path, out: Path) -> Path | None:
     fig.savefig(out)
     return out
 
+
+def plot_expert_loads(loads_file: Path, out: Path) -> Path | None:
+    """expert_load.png: per MoE layer, each expert's share of the layer's tokens over the recorded steps, as
+    load / mean load (1 = balanced; the paper's Figure 9 shows the same ratio per layer and expert)."""
+    from matplotlib.figure import Figure
+
+    records = [json.loads(line) for line in loads_file.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    layers = list(records[-1]["loads"])
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    steps = [r["step"] for r in records]
+    image = None
+    for ax, layer in zip(axes.flat, layers):
+        grid = torch.tensor([r["loads"].get(layer, [0.0] * len(records[-1]["loads"][layer])) for r in records],
+                            dtype=torch.float64)  # (steps, experts)
+        ratio = grid / grid.mean(1, keepdim=True).clamp_min(1e-12)
+        image = ax.imshow(ratio.t().numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=2,
+                          extent=(steps[0], steps[-1], -0.5, grid.shape[1] - 0.5), interpolation="nearest")
+        ax.set_title(layer.removesuffix(".ffn.gate"), fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("expert", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="load / mean load")
+    fig.savefig(out)
+    return out

@@ -155,7 +155,8 @@ def build(cfg: RunConfig, grid: ProcessGrid, init_from: str | None = None) -> Ru
     model, pipeline, opt, shapes, params = part.model, part.pipeline, part.opt, part.shapes, part.params
     balancer = BiasBalancer(model, update=cfg.model.balance == "aux_free", group=grid.dp_group,
                             replicas=pipeline.gate_replicas(), report_group=grid.pp_group if grid.pp > 1 else None,
-                            all_gates=Transformer.gate_names(cfg.model), device=grid.device)
+                            all_gates=Transformer.gate_names(cfg.model), device=grid.device, ep=grid.ep,
+                            n_experts=cfg.model.n_routed_experts)
     return Run(model, pipeline, opt, data, Shards(grid, pipeline, shapes, params), balancer)
 
 
@@ -195,6 +196,8 @@ class _Quiet:
 
     def log_eval(self, step: int, record: dict) -> None: ...
 
+    def log_expert_loads(self, step: int, loads: dict) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -222,12 +225,12 @@ def optimizer_step(cfg: RunConfig, grid: ProcessGrid, state: TrainState, run: Ru
                 f"step {state.step + 1}: non-finite loss {record['loss']} (grad norm {grad_norm}); "
                 f"stopped without saving. Last good checkpoint: {last or 'none'}. Resume from it with a "
                 "lower optim.lr, or allow isolated spikes with trainer.max_skipped_steps=N")
-        balance = {"maxvio": float("nan"), "maxvio_layer": {}}
+        balance = {"maxvio": float("nan"), "maxvio_layer": {}, "experts": {}, "expert_loads": {}}
     run.opt.zero_grad()
     state.step += 1
     state.tokens += record["tokens_in_step"]
-    return {"step": state.step, "tokens": state.tokens, **record, "lr": lr, "grad_norm": grad_norm,
-            "maxvio": balance["maxvio"], "maxvio_layer": balance["maxvio_layer"], "skipped": not finite}
+    return {"step": state.step, "tokens": state.tokens, **record, "lr": lr, "grad_norm": grad_norm, **balance,
+            "force_balance": cfg.model.force_balance, "skipped": not finite}
 
 
 def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> TrainState:
@@ -265,8 +268,10 @@ def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> Tra
             record = optimizer_step(cfg, grid, state, run, ema, run_dir)
             ranks = rank_stats.collect(state.step, time.perf_counter() - t0)
             step_time = ranks["step_time_s_max"]  # the step ends with its slowest rank
+            loads = record.pop("expert_loads")
             metrics.log_step({**record, "step_time_s": step_time,
                               "tokens_per_s": record["tokens_in_step"] / step_time, **ranks})
+            metrics.log_expert_loads(state.step, loads)
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
                 metrics.log_eval(state.step, validation(grid, run.pipeline, valid, cfg.trainer.eval_position_buckets))
             every = cfg.trainer.checkpoint_every
