@@ -61,13 +61,15 @@ import torch
 import torch.distributed as dist
 
 from data import DataError
+from data.boundaries import combined_tokens, split_combined
 from data.config import DataConfig, Verify
 from data.corpus import prepare_default_corpus
+from data.megatron import MegatronTokenFile, is_megatron
 from data.preprocess import REWRITE_HINT, TokenFile
 from data.tokenizer import Tokenizer
 
 STATE_VERSION = 2  # 2: the Feistel epoch order (1 held a full numpy permutation per epoch)
-_SPLIT, _SHUFFLE, _FIM, _EPOCH = 1, 2, 3, 4  # rng stream tags
+_SPLIT, _SHUFFLE, _FIM, _EPOCH, _BOUNDARY = 1, 2, 3, 4, 5  # rng stream tags
 ROUNDS, MIN_BITS = 8, 6  # Feistel rounds; smallest domain 2^MIN_BITS (module docstring)
 VERIFY_BLOCK = 1 << 26  # bytes hashed between two agreements of the ranks: well under a second
 _MASK64, _GOLDEN = (1 << 64) - 1, 0x9E3779B97F4A7C15
@@ -281,6 +283,8 @@ class DataPipeline:
         self.order = EpochOrder(self.samples_per_epoch, seed)
         self._valid = [s.valid_pass() for s in self.sources]
         self._valid_starts = np.cumsum([0] + [v.n_samples for v in self._valid])  # [datasets + 1]
+        # merged punctuation + line-break tokens and their parts (paper 4.1), split in training samples only
+        self._combined = combined_tokens(tokenizer) if cfg.split_combined_rate > 0 else {}
 
     @property
     def vocab_size(self) -> int:
@@ -307,6 +311,9 @@ class DataPipeline:
         g = (self.position + np.arange(micro_batch_size, dtype=np.int64)) * self.dp_size + self.dp_rank
         rows = [self._epoch_sample(e, k) for e, k in zip((g // self.samples_per_epoch).tolist(),
                                                          self.order.take(g).tolist())]
+        if self._combined:  # keyed by the global index: the same tokens on any layout and after a resume
+            rows = [split_combined(r, self._combined, self.cfg.split_combined_rate, _rng(_BOUNDARY, self.seed, i))
+                    for r, i in zip(rows, g.tolist())]
         self.position += micro_batch_size
         return _split(np.stack(rows))
 
@@ -446,9 +453,10 @@ def _open(cfg: DataConfig) -> tuple[Tokenizer, list[TokenFile]]:
         tokenizer_path, prefixes = prepare_default_corpus(cfg)
         fix = f"delete {tokenizer_path.parent} and the next run prepares the default corpus again"
     tokenizer = Tokenizer.load(tokenizer_path)
-    files = [TokenFile(p, verify=False, fix=fix) for p in prefixes]
+    files = [MegatronTokenFile(p, tokenizer.vocab_size) if is_megatron(p) else TokenFile(p, verify=False, fix=fix)
+             for p in prefixes]
     for i, tf in enumerate(files):
-        if tf.fingerprint != tokenizer.fingerprint:
+        if tf.fingerprint is not None and tf.fingerprint != tokenizer.fingerprint:  # None: Megatron's records none
             raise DataError(f"data.datasets[{i}] = {tf.prefix} was encoded with another tokenizer (vocab "
                             f"{tf.vocab_size}) than {tokenizer_path} (vocab {tokenizer.vocab_size}); re-run hai-data "
                             f"with --tokenizer {tokenizer_path}, or set data.tokenizer to the one it was made with")

@@ -12,6 +12,11 @@ smallest DP the config allows). `--nproc` (processes per node, torchrun's --npro
 rule; otherwise nproc = world / nnodes. The config is composed exactly as hai-train composes it
 (configs/config.yaml + the overrides), and the layout is validated before any process starts.
 
+Restarts. `--max-restarts N` passes torchrun's elastic restarts on: when a worker dies, torchrun stops the others
+and starts them all again, up to N times; with `trainer.resume=auto` (required) and the run directory fixed at
+launch, each attempt resumes from the newest complete checkpoint (a torch 2.13 rendezvous-store trap is avoided:
+`RESTART_ENV`).
+
 What runs. `python -m torch.distributed.run --standalone --nproc_per_node N -m trainer.train <overrides>`
 (or, with `--nnodes M` > 1, c10d rendezvous at `--rdzv-endpoint` instead of --standalone). The exact
 command is printed first, then hai-launch replaces itself with it (exec), so signals reach torchrun directly
@@ -67,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--module", default=DEFAULT_MODULE,
                    help=f"module each rank runs (default {DEFAULT_MODULE}); for another module the config is not "
                         "read and nproc = --nproc, else --dp, else 1")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart all workers this many times when one fails (torchrun's elastic restarts); each "
+                        "restart resumes from the run directory's newest complete checkpoint (trainer.resume=auto)")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command and exit")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory of the trainer with these overrides (trainer.run_dir, else the "
@@ -162,9 +170,15 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             raise LaunchError(f"world size {world} is not divisible by --nnodes {args.nnodes}; give --nproc")
         nproc = world // args.nnodes
     env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(omp_threads(nproc))}
+    restarts = []
+    if args.max_restarts:
+        restarts, fixed = restart_args(args, cfg, passthrough)
+        passthrough = [*passthrough, *fixed]
+        env.update({k: v for k, v in RESTART_ENV.items() if k not in os.environ})
     if cfg is not None and uses_nccl(cfg):
         run_dir = planned_run_dir(cfg, passthrough, args.nnodes)
-        if run_dir is not None and not cfg.trainer.run_dir:
+        if run_dir is not None and not cfg.trainer.run_dir and not any(o.startswith("trainer.run_dir=")
+                                                                       for o in passthrough):
             passthrough = [*passthrough, f"trainer.run_dir={run_dir}"]  # the dumps' directory is the run's
         env.update(flight_recorder_env(run_dir, os.environ))
     if args.nnodes == 1:
@@ -172,9 +186,35 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     else:
         rdzv = ["--nnodes", str(args.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", args.rdzv_endpoint,
                 "--rdzv_id", args.rdzv_id]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc_per_node", str(nproc),
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, *restarts, "--nproc_per_node", str(nproc),
            "-m", args.module, *passthrough]
     return cmd, env
+
+
+# After an elastic restart under --standalone, torch 2.13's agent hands the new workers its rendezvous store with
+# the previous attempt's peer addresses, and gloo's init fails ("connectFullMesh failed ... Connection refused");
+# a store of their own per attempt avoids it.
+RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def restart_args(args: argparse.Namespace, cfg: RunConfig | None, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun's flags, overrides to add) for --max-restarts: restarted workers must find the checkpoints of the
+    attempt before, so the trainer resumes automatically and the run directory is fixed before the first start."""
+    if args.max_restarts < 0:
+        raise LaunchError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    fixed = []
+    if cfg is not None:
+        if cfg.trainer.resume != "auto":
+            raise LaunchError(f"--max-restarts {args.max_restarts} restarts the workers from the run directory's "
+                              f"newest checkpoint, but trainer.resume={cfg.trainer.resume}: a restart would train "
+                              "from scratch (or from that fixed checkpoint) again; set trainer.resume=auto")
+        run_dir = planned_run_dir(cfg, overrides, args.nnodes)
+        if run_dir is None:
+            raise LaunchError(f"--max-restarts {args.max_restarts} needs a run directory known before the start "
+                              "(each attempt must write to the same one): give trainer.run_dir")
+        if not cfg.trainer.run_dir:
+            fixed.append(f"trainer.run_dir={run_dir}")
+    return ["--max-restarts", str(args.max_restarts)], fixed
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

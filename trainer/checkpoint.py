@@ -37,6 +37,7 @@ file's size, then broadcast it, so any other rank opens only the files holding t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -226,10 +227,13 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
         error = err
     try:
         raise_if_any_failed(error, group, where=f"rank {rank}: ")
-    except Exception:
+    except Exception as err:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        kept = latest_checkpoint(root.parent)
+        raise CheckpointError(f"checkpoint step {step} was not saved ({err}); {root / LATEST} still names "
+                              f"{kept.name if kept else 'no checkpoint'}, the last complete one: free the disk (or "
+                              "fix the cause) and resume with trainer.resume=auto") from err
     return Path(agree_on_rank0(lambda: str(_publish(tmp, root / name, step, meta, world, keep)), group))
 
 
@@ -255,12 +259,16 @@ def _publish(tmp: Path, final: Path, step: int, meta: dict, world: int, keep: in
     meta.json, rename the directory into place, move `latest`, prune. On an error the temporary is removed."""
     root = final.parent
     try:
-        files, indexes = {}, []
+        files, digests, indexes = {}, {}, []
         for rank in range(world):
             path = tmp / _rank_file(rank)
             files[path.name] = path.stat().st_size
             indexes.append(_read_index(path))
-        record = {**meta, "format": FORMAT, "step": step, "files": files, "tensors": _merge_indexes(indexes)}
+            sidecar = tmp / (path.name + DIGEST)
+            digests[path.name] = sidecar.read_text().strip()
+            sidecar.unlink()
+        record = {**meta, "format": FORMAT, "step": step, "files": files, "checksums": digests,
+                  "tensors": _merge_indexes(indexes)}
         _write_durable(tmp / META, json.dumps(record, indent=1).encode())
         _fsync_dir(tmp)
         final = _move_into_place(tmp, final)
@@ -276,6 +284,18 @@ def _publish(tmp: Path, final: Path, step: int, meta: dict, world: int, keep: in
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+DIGEST = ".blake2b"  # suffix of the file in which a rank leaves its file's checksum for rank 0 (then removed)
+
+
+def file_digest(path: Path, block: int = 16 << 20) -> str:
+    """blake2b-128 of a file's bytes, read in blocks (the checksum meta.json records per rank file)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _write_pieces(directory: Path, file: str, tensors: dict[str, dict[str, torch.Tensor | Shard]]) -> None:
@@ -300,6 +320,7 @@ def _write_pieces(directory: Path, file: str, tensors: dict[str, dict[str, torch
     # safetensors creates files as 0600; give them the umask's mode, as the directory got, for other readers
     os.chmod(path, directory.stat().st_mode & 0o666)
     _fsync_file(path)
+    _write_durable(directory / (file + DIGEST), file_digest(path).encode())
 
 
 def _read_index(path: Path) -> dict:
@@ -566,7 +587,28 @@ class CheckpointReader:
                                   "config. Resume with the config it was written with, or start anew")
         return named[name]
 
+    def _verify(self, file: str) -> None:
+        """The file's checksum against meta.json's (checkpoints written before checksums were recorded: none)."""
+        want = (self.meta.get("checksums") or {}).get(file)
+        if want is None:
+            return
+        found = file_digest(self.path / file)
+        if found != want:
+            raise CheckpointError(f"{self.path / file}: checksum {found}, meta.json recorded {want}: the file is "
+                                  f"corrupt; {self._damaged()}")
+
+    def _damaged(self) -> str:
+        """What to do about a damaged checkpoint: resume from the newest complete one before it, if any."""
+        if not _STEP_DIR.fullmatch(self.path.name):
+            return self._fix
+        older = [p for p in _step_dirs(self.path.parent) if _step_of(p) < _step_of(self.path) and _is_complete(p)]
+        if older:
+            return f"resume from the previous complete checkpoint: trainer.resume={max(older, key=_step_of)}"
+        return self._fix
+
     def _slice(self, file: str, key: str, a: int, z: int) -> torch.Tensor:
+        if file not in self._open:
+            self._verify(file)  # once per file this rank reads
         try:
             if file not in self._open:
                 self._open[file] = safe_open(str(self.path / file), framework="pt")

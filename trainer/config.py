@@ -69,12 +69,16 @@ class TrainerConfig(Config):
     eval_position_buckets: int = 8
     ema_decay: float = 0.0  # EMA of the weights kept on CPU (paper 3.2.3); 0 = off, e.g. 0.999
     max_skipped_steps: int = 0  # non-finite loss: skip up to this many steps in a row, then stop
+    # a rank with no finished step for this long dumps its stacks into the run directory and ends the job
+    # (trainer/watchdog.py; checkpoint saves excepted); 0 = off
+    hang_timeout_s: float = 1800.0
 
     def validate(self) -> TrainerConfig:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "eval_every", "eval_batches", "eval_position_buckets", "max_skipped_steps"):
+        for name in ("checkpoint_every", "eval_every", "eval_batches", "eval_position_buckets", "max_skipped_steps",
+                     "hang_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
         if self.init_missing not in (None, "mtp"):

@@ -112,6 +112,8 @@ class Metrics:
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
+    if isinstance(value, list):
+        return "[" + " ".join(_fmt(v, ".3f") for v in value) + "]"
     if isinstance(value, float):
         return format(value, spec) if math.isfinite(value) else str(value)
     return "-" if value is None else str(value)

@@ -61,6 +61,7 @@ from trainer.metrics import Metrics
 from trainer.rundir import rank_log, record_config, run_dir_for
 from trainer.shards import Shards, model_index
 from trainer.state import TrainState, restore, resume_from, save
+from trainer.watchdog import Watchdog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -262,6 +263,7 @@ def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> Tra
         if cfg.trainer.eval_every else []
     rank_stats = reduce.RankStats(grid, run.model, run.pipeline, cfg.parallel.fabric is not None,
                                   cfg.logging.per_rank_every)
+    watchdog = Watchdog(cfg.trainer.hang_timeout_s, run_dir, grid.rank, state.step)
     try:
         while state.step < cfg.trainer.max_steps:
             t0 = time.perf_counter()
@@ -276,8 +278,11 @@ def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> Tra
                 metrics.log_eval(state.step, validation(grid, run.pipeline, valid, cfg.trainer.eval_position_buckets))
             every = cfg.trainer.checkpoint_every
             if (every and state.step % every == 0) or state.step == cfg.trainer.max_steps:
-                save(run_dir, cfg, grid, run.shards, state, run.model, run.opt, run.data, ema)
+                with watchdog.paused():
+                    save(run_dir, cfg, grid, run.shards, state, run.model, run.opt, run.data, ema)
+            watchdog.beat(state.step)
     finally:
+        watchdog.stop()
         metrics.close()
         if ema is not None:
             ema.wait()

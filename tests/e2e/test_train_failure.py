@@ -4,6 +4,7 @@ checkpoint both ranks wrote and ends with exactly the losses of an uninterrupted
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,8 +21,8 @@ from tests.e2e.test_train import FAST, ROOT, train_losses
 STEPS = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.micro_batch_size=2"]
 
 
-def launch(run: Path, cache: Path, tag: str = "") -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "launch.launch", "--dp", "2", *FAST, *STEPS, f"data.cache_dir={cache}",
+def launch(run: Path, cache: Path, tag: str = "", flags: tuple[str, ...] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "launch.launch", "--dp", "2", *flags, *FAST, *STEPS, f"data.cache_dir={cache}",
            f"trainer.run_dir={run}"]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HAI_TEST_TAG": tag}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -41,21 +42,31 @@ def worker_pid(tag: str, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.slow
-def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path):
-    cache = tmp_path / "cache"
-    straight = launch(tmp_path / "straight", cache)
-    out = straight.communicate(timeout=600)[0]
-    assert straight.returncode == 0, out[-3000:]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[Path, list[float]]:
+    """(the data cache, the losses of an uninterrupted run)."""
+    root = tmp_path_factory.mktemp("straight")
+    job = launch(root / "run", root / "cache")
+    out = job.communicate(timeout=600)[0]
+    assert job.returncode == 0, out[-3000:]
+    return root / "cache", train_losses(root / "run")
 
-    tag, run = uuid.uuid4().hex, tmp_path / "killed"
-    job = launch(run, cache, tag)
+
+def _kill_after_first_checkpoint(job: subprocess.Popen, run: Path, tag: str) -> None:
     deadline = time.time() + 300
     while not (run / "checkpoints" / "latest").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     pid = worker_pid(tag, 1)
     assert pid is not None and job.poll() is None, "the job ended before its first checkpoint"
     os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path, straight):
+    cache, straight_losses = straight
+    tag, run = uuid.uuid4().hex, tmp_path / "killed"
+    job = launch(run, cache, tag)
+    _kill_after_first_checkpoint(job, run, tag)
     t0 = time.monotonic()
     out = job.communicate(timeout=120)[0]
     seconds = time.monotonic() - t0
@@ -68,4 +79,65 @@ def test_killed_rank_ends_the_job_and_the_run_resumes(tmp_path):
     out = again.communicate(timeout=600)[0]
     assert again.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    assert train_losses(run) == train_losses(tmp_path / "straight")
+    assert train_losses(run) == straight_losses
+
+
+@pytest.mark.slow
+def test_with_max_restarts_a_killed_rank_is_restarted_and_the_job_ends_as_if_uninterrupted(tmp_path, straight):
+    """hai-launch --max-restarts 1: torchrun restarts both workers, they resume from the newest complete checkpoint,
+    and the job exits 0 with exactly the uninterrupted losses. Printed: kill to the first step after it."""
+    cache, straight_losses = straight
+    tag, run = uuid.uuid4().hex, tmp_path / "restarted"
+    job = launch(run, cache, tag, flags=("--max-restarts", "1"))
+    _kill_after_first_checkpoint(job, run, tag)
+    killed, recovered = time.monotonic(), None
+    while job.poll() is None and recovered is None:
+        if "resumed from" in _log(run) and _last_step(run) > 4:
+            recovered = time.monotonic() - killed
+        time.sleep(0.05)
+    out = job.communicate(timeout=600)[0]
+    assert job.returncode == 0, out[-3000:]
+    assert "resumed from" in _log(run) and train_losses(run) == straight_losses
+    print(f"recovered in {recovered:.1f} s (kill to the first new step)" if recovered else "recovered (not timed)")
+
+
+def _last_step(run: Path) -> int:
+    steps = [0]
+    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass  # a line being written
+    return max(steps)
+
+
+def _log(run: Path) -> str:
+    return "".join(p.read_text() for p in run.glob("train.rank*.log"))
+
+
+@pytest.mark.slow
+def test_a_stuck_rank_ends_the_job_with_every_threads_stack(tmp_path, straight):
+    """trainer.hang_timeout_s: rank 1 is stopped (SIGSTOP: alive, making no progress) after the first checkpoint;
+    rank 0, waiting for it in a collective, finds no finished step for 6 s, writes its threads' stacks into the run
+    directory, names itself and the step, and ends the job non-zero instead of hanging."""
+    cache, _ = straight
+    tag, run = uuid.uuid4().hex, tmp_path / "stuck"
+    job = launch(run, cache, tag, flags=("trainer.hang_timeout_s=6",))
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "latest").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pid = worker_pid(tag, 1)
+    assert pid is not None and job.poll() is None, "the job ended before its first checkpoint"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        out = job.communicate(timeout=180)[0]
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert job.returncode != 0
+    assert "error (rank 0): no progress for 6 s in step" in out and "trainer.hang_timeout_s" in out, out[-3000:]
+    stacks = (run / "hang.rank0.txt").read_text()
+    assert "no progress for 6 s after step" in stacks and "most recent call first" in stacks
+    assert "all_reduce" in stacks or "wait" in stacks or "reduce" in stacks, stacks[-2000:]
