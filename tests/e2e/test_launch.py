@@ -154,3 +154,19 @@ def test_every_rank_uses_the_one_run_directory(tmp_path: Path) -> None:
         assert "train.log" not in names  # Hydra's own job log is not written
         assert f"run directory: {run}" in (run / "train.rank0.log").read_text()
         assert "model.dim=64" in (run / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_max_restarts_needs_resume_auto_and_fixes_the_run_directory(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    code, out, err = dry_run(capsys, "--nproc", "2", "--max-restarts", "2", "trainer.micro_batch_size=4",
+                             "trainer.resume=null")
+    assert code == 2 and out == ""
+    assert "--max-restarts 2" in err and "trainer.resume=None" in err and "set trainer.resume=auto" in err
+    code, out, _ = dry_run(capsys, "--nproc", "2", "--max-restarts", "2", "trainer.micro_batch_size=4")
+    assert code == 0 and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " in out and " --max-restarts 2 " in out
+    assert re.search(r" trainer\.run_dir=runs/tiny/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d$", out)  # one directory for all
+    code, out, _ = dry_run(capsys, "--nproc", "2", "--max-restarts", "1", "trainer.micro_batch_size=4",
+                           "trainer.run_dir=runs/mine")
+    assert code == 0 and out.endswith("trainer.run_dir=runs/mine") and out.count("trainer.run_dir=") == 1
+    code, _, err = dry_run(capsys, "--nproc", "2", "--max-restarts", "-1", "trainer.micro_batch_size=4")
+    assert code == 2 and "--max-restarts must be >= 0" in err

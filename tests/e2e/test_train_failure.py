@@ -52,13 +52,15 @@ def straight(tmp_path_factory) -> tuple[Path, list[float]]:
     return root / "cache", train_losses(root / "run")
 
 
-def _kill_after_first_checkpoint(job: subprocess.Popen, run: Path, tag: str) -> None:
+def _kill_after_first_checkpoint(job: subprocess.Popen, run: Path, tag: str, sig: int = signal.SIGKILL) -> int:
+    """Send `sig` to rank 1 once the first checkpoint is complete; returns its pid."""
     deadline = time.time() + 300
     while not (run / "checkpoints" / "latest").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     pid = worker_pid(tag, 1)
     assert pid is not None and job.poll() is None, "the job ended before its first checkpoint"
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, sig)
+    return pid
 
 
 @pytest.mark.slow
@@ -123,12 +125,7 @@ def test_a_stuck_rank_ends_the_job_with_every_threads_stack(tmp_path, straight):
     cache, _ = straight
     tag, run = uuid.uuid4().hex, tmp_path / "stuck"
     job = launch(run, cache, tag, flags=("trainer.hang_timeout_s=6",))
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "latest").exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    pid = worker_pid(tag, 1)
-    assert pid is not None and job.poll() is None, "the job ended before its first checkpoint"
-    os.kill(pid, signal.SIGSTOP)
+    pid = _kill_after_first_checkpoint(job, run, tag, signal.SIGSTOP)
     try:
         out = job.communicate(timeout=180)[0]
     finally:
