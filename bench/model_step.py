@@ -6,6 +6,9 @@ What it measures, on one token batch shared by every variant:
           fused into its cross-entropy (model/loss.py), on the next tokens (no MTP), for
           each routed-expert GEMM backend (`expert_gemm` = grouped_mm, loop);
 - ours + MTP: `model.loss(tokens, labels, mtp_lambda)` + backward, the full training objective (extra row);
+- ours: its GEMMs alone: every matrix product of one recorded step of ours (forward and backward, attention's
+          batched products and the grouped expert GEMMs), with their operands, replayed back to back: the limit of
+          this step's shape on this CPU; step time / GEMM-only time says how much of ours is not GEMM;
 - HF:     DeepseekV3ForCausalLM loaded from `trainer.hf.save_hf` of the same weights, `labels=` loss + backward, with
           attn_implementation "eager" and "sdpa" (use_cache=False, as in training).
 
@@ -36,9 +39,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from model import ModelConfig, Transformer, presets
-from model.linear import GroupedLinear, Linear
+from model.flops import flops_per_token
 from model.transformer import IGNORE_INDEX, shift_left
 from trainer.hf import save_hf
 
@@ -47,75 +52,53 @@ Step = Callable[[], torch.Tensor]  # runs forward + loss + backward, returns the
 
 
 # ---- model FLOPs ---------------------------------------------------------------------------------------------
-# Model FLOPs per token, fwd + bwd (backward = 2x forward: Dgrad and Wgrad GEMMs):
-#
-#   F = 6 * N_mm + 3 * A
-#   N_mm = weights a token is actually multiplied with (the embedding is a lookup, norms are elementwise):
-#          per layer  MLA  q: dim*q_lora + q_lora*H*qk_head_dim   (dim*H*qk_head_dim without q_lora)
-#                          wkv_a: dim*(kv_lora + rope)  wkv_b: kv_lora*H*(nope + v)  wo: H*v*dim
-#          dense layers  3*dim*inter_dim
-#          MoE layers    shared 3*dim*(n_shared*moe_inter) + top-K routed K*3*dim*moe_inter + router dim*E
-#          output head   dim*vocab
-#   A    = forward attention scores and values per token: n_layers * 2 * H * (qk_head_dim + v_head_dim) * (T+1)/2
-#          (QK^T and PV cost 2*H*d FLOPs per (query, key) pair; causal query i sees i+1 keys, (T+1)/2 on average)
-# With MTP, each depth adds eh_proj 2*dim*dim, one MoE block (its own attention too) and the shared head again.
-# All useful work only: HF's eager attention also multiplies the masked upper triangle; that is not counted.
-
-def attention_params(cfg: ModelConfig) -> int:
-    """Matmul weights of one MLA layer."""
-    h, qk = cfg.n_heads, cfg.qk_head_dim
-    q = cfg.dim * h * qk if cfg.q_lora_rank is None else cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank * h * qk
-    kv = cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim
-                                                                                        + cfg.v_head_dim)
-    return q + kv + h * cfg.v_head_dim * cfg.dim
-
-
-def moe_params_per_token(cfg: ModelConfig) -> int:
-    """Matmul weights one token passes through in a MoE FFN: shared experts, top-K routed experts, router."""
-    shared = 3 * cfg.dim * cfg.n_shared_experts * cfg.moe_inter_dim
-    routed = cfg.n_activated_experts * 3 * cfg.dim * cfg.moe_inter_dim
-    return shared + routed + cfg.dim * cfg.n_routed_experts
-
-
-def matmul_params_per_token(cfg: ModelConfig, mtp: bool = False) -> dict[str, int]:
-    """N_mm of the main model (and of the MTP modules with `mtp`), by component."""
-    n_moe = cfg.n_layers - cfg.first_k_dense
-    parts = {
-        "attention": cfg.n_layers * attention_params(cfg),
-        "dense_ffn": cfg.first_k_dense * 3 * cfg.dim * cfg.inter_dim,
-        "moe_ffn": n_moe * moe_params_per_token(cfg),
-        "head": cfg.dim * cfg.vocab_size,
-    }
-    if mtp:
-        per_depth = 2 * cfg.dim * cfg.dim + attention_params(cfg) + moe_params_per_token(cfg) + cfg.dim * cfg.vocab_size
-        parts["mtp"] = cfg.n_mtp_depth * per_depth
-    return parts
-
-
-def module_params_per_token(model: Transformer, mtp: bool = False) -> int:
-    """The same N_mm counted from the built modules (a cross-check of the formula above)."""
-    cfg = model.cfg
-    total = 0
-    for name, module in model.named_modules():
-        if name.startswith("mtp.") and not mtp:
-            continue
-        if isinstance(module, GroupedLinear):
-            total += module.weight.numel() * cfg.n_activated_experts // cfg.n_routed_experts
-        elif isinstance(module, Linear):
-            total += module.weight.numel()
-    return total + (cfg.n_mtp_depth * model.head.weight.numel() if mtp else 0)
-
-
-def attention_flops_per_token(cfg: ModelConfig, seq: int, n_layers: int) -> float:
-    """Forward causal attention FLOPs per token (scores + values), averaged over the sequence."""
-    return n_layers * 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq + 1) / 2
-
+# model/flops.py's count (forward + backward = 3 x forward, causal attention over (T+1)/2 keys): useful work only;
+# HF's eager attention also multiplies the masked upper triangle, which is not counted.
 
 def train_flops_per_token(cfg: ModelConfig, seq: int, mtp: bool = False) -> float:
-    """F = 6 * N_mm + 3 * A, forward + backward."""
-    n_mm = sum(matmul_params_per_token(cfg, mtp).values())
-    layers = cfg.n_layers + (cfg.n_mtp_depth if mtp else 0)
-    return 6 * n_mm + 3 * attention_flops_per_token(cfg, seq, layers)
+    """Model FLOPs per token of the step: the main model (no MTP modules) or, with `mtp`, the whole objective."""
+    return flops_per_token(cfg if mtp else dataclasses.replace(cfg, n_mtp_depth=0), seq)
+
+
+# ---- the step's GEMMs alone ----------------------------------------------------------------------------------
+# Every matrix product a step runs (forward and backward, attention's batched products and the grouped expert
+# GEMMs included), recorded with its operands by a dispatch mode and replayed back to back: the time the step
+# would take if it were nothing but its own GEMMs, the limit for this shape on this CPU.
+
+GEMM_OPS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+            torch.ops.aten._grouped_mm}
+
+
+class _GemmRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in GEMM_OPS:
+            copy = tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+            self.calls.append((func, *copy))
+        return func(*args, **kwargs)
+
+
+def gemms_alone(step: Step) -> tuple[Step, dict[str, int]]:
+    """A step that replays `step`'s GEMMs (one recorded run of it) without anything else, and the calls per op."""
+    recorder = _GemmRecorder()
+    with recorder:
+        step()
+    calls = recorder.calls
+    counts: dict[str, int] = {}
+    for func, _, _ in calls:
+        counts[str(func.overloadpacket)] = counts.get(str(func.overloadpacket), 0) + 1
+
+    def replay() -> torch.Tensor:
+        out = None
+        for func, args, kwargs in calls:
+            out = func(*args, **kwargs)
+        return out.flatten()[0].detach()
+
+    return replay, counts
 
 
 # ---- machine peak --------------------------------------------------------------------------------------------
@@ -295,9 +278,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+GEMMS_ALONE = "ours: its GEMMs alone"
+
+
 def build_steps(cfg: ModelConfig, tokens: torch.Tensor, mtp_lambda: float,
-                tmp: Path) -> tuple[dict[str, Step], dict[str, float]]:
-    """Every variant's step on the same weights, and each variant's model FLOPs per token."""
+                tmp: Path) -> tuple[dict[str, Step], dict[str, float], dict[str, int]]:
+    """Every variant's step on the same weights, each variant's model FLOPs per token, and the GEMM calls per op
+    of our step (replayed alone as the GEMMS_ALONE variant)."""
     base = build_ours(cfg)
     state = base.state_dict()
     seq = tokens.shape[1]
@@ -308,29 +295,22 @@ def build_steps(cfg: ModelConfig, tokens: torch.Tensor, mtp_lambda: float,
             continue
         model = build_ours(dataclasses.replace(cfg, expert_gemm=backend), state)
         steps[f"ours (expert_gemm={backend})"] = ours_step(model, tokens)
+    steps[GEMMS_ALONE], gemm_calls = gemms_alone(next(iter(steps.values())))
     steps[f"ours + MTP (lambda={mtp_lambda})"] = ours_mtp_step(base, tokens, mtp_lambda)
     save_hf(base, tmp)
     for attn in ("eager", "sdpa"):
         steps[f"HF ({attn})"] = hf_step(load_hf(tmp, attn), tokens)
     flops = {name: main_flops for name in steps}
     flops[f"ours + MTP (lambda={mtp_lambda})"] = train_flops_per_token(cfg, seq, mtp=True)
-    return steps, flops
-
-
-def check_flop_formula(cfg: ModelConfig) -> None:
-    """Warn when the config formula and the built modules disagree on N_mm (the formula would be stale)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    for mtp in (False, True):
-        formula, counted = sum(matmul_params_per_token(cfg, mtp).values()), module_params_per_token(model, mtp)
-        if formula != counted:
-            print(f"WARNING: N_mm(mtp={mtp}) formula {formula} != {counted} counted from the modules")
+    return steps, flops, gemm_calls
 
 
 def speedups(rows: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Tokens/s ratios (median and best step) of ours against HF, and of grouped_mm against loop."""
+    """Tokens/s ratios (median and best step) of ours against HF, of grouped_mm against loop, and of our step's
+    GEMMs alone against our step (1 / (step time / GEMM-only time): how close the step is to its own GEMMs)."""
     ours = next(iter(rows))
     pairs = [(ours, hf) for hf in rows if hf.startswith("HF")]
+    pairs.append((GEMMS_ALONE, ours))
     pairs.append(("ours (expert_gemm=grouped_mm)", "ours (expert_gemm=loop)"))
     return {f"{a} / {b}": {"median": rows[b]["median_s"] / rows[a]["median_s"],
                            "best": rows[b]["min_s"] / rows[a]["min_s"]} for a, b in pairs}
@@ -345,6 +325,10 @@ def report(args: argparse.Namespace, rows: dict[str, dict], ratios: dict[str, di
           f"{load['before'][0]:.2f}/{load['after'][0]:.2f} (other processes skew every number)\n")
     print(format_table(rows) + "\n")
     for name, r in ratios.items():
+        if name.startswith(GEMMS_ALONE):
+            print(f"step time / GEMM-only time ({name.split(' / ')[1]}): {r['median']:.2f} median, {r['best']:.2f} "
+                  "best (1.0 = the step is nothing but its own GEMMs)")
+            continue
         target = "  (target >= 1.5x)" if "HF" in name else ""
         print(f"speed-up {name}: {r['median']:.2f}x median, {r['best']:.2f}x best{target}")
 
@@ -354,10 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = presets.load(args.preset)
-    check_flop_formula(cfg)
     tokens = torch.randint(cfg.vocab_size, (args.batch, args.seq))
     with tempfile.TemporaryDirectory() as tmp:
-        steps, flops = build_steps(cfg, tokens, args.mtp_lambda, Path(tmp))
+        steps, flops, gemm_calls = build_steps(cfg, tokens, args.mtp_lambda, Path(tmp))
     gemm = f"fp32 GEMM {args.peak_n}^3"
     load = {"before": list(os.getloadavg())}
     times, losses = time_interleaved({**steps, gemm: gemm_step(args.peak_n)}, args.warmup, args.iters)
@@ -375,7 +358,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "tokens_per_step": tokens.numel(),
               "warmup": args.warmup, "iters": args.iters, "seed": args.seed, "machine": machine_info(),
               "load_average": load, "gemm_peak": peak,
-              "matmul_params_per_token": matmul_params_per_token(cfg, mtp=True), "variants": rows,
+              "model_flops_per_token": {"main": train_flops_per_token(cfg, args.seq),
+                                        "with_mtp": train_flops_per_token(cfg, args.seq, mtp=True)},
+              "gemm_only": {"variant": GEMMS_ALONE, "calls": gemm_calls}, "variants": rows,
               "speedups": ratios, "profile": {"variant": ours, "iters": args.profile_iters, "top_ops": profile}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from core.config import ConfigError
+from model import flops
 from model.config import ModelConfig
 from model.linear import GroupedLinear, Linear
-from model.mla import MLA
 from model.moe import Gate
 from model.transformer import Transformer
 from parallel.expert import is_expert_param
@@ -124,10 +124,10 @@ class Part:
 def model_parts(cfg: ModelConfig, seq_len: int, fp8: bool) -> dict[str, Part]:
     """Parameters, FLOPs and activation bytes of every part, from the model built on the meta device.
 
-    FLOPs per token, forward (backward is priced as twice the forward in `stage_costs`): 2 per weight of every
-    GEMM a token passes through (the K routed experts of E, the shared experts, the output head once for the main
-    model and once per MTP depth; the embedding is a lookup); core attention 2 GEMMs (QK^T, PV) over the causal
-    average of (T+1)/2 keys, H (d_qk + d_v)(T+1) per token: packed documents attend across each other (paper 4.2).
+    FLOPs per token, forward (backward is priced as twice the forward in `stage_costs`): model/flops.py's count
+    (the one the trainer's MFU uses), split by part and by precision: the router and the output head (once for
+    the main model, once per MTP depth) in BF16, every other GEMM in FP8 under the FP8 recipe, the core attention
+    apart; summed over the parts it is `model.flops.forward_flops`.
     """
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -138,24 +138,25 @@ def model_parts(cfg: ModelConfig, seq_len: int, fp8: bool) -> dict[str, Part]:
             part.expert += p.numel()
         else:
             part.dense += p.numel()
-    active = cfg.n_activated_experts / cfg.n_routed_experts
     for name, m in model.named_modules():
-        if not isinstance(m, (Linear, GroupedLinear, MLA)):
-            continue
-        part = parts[part_of(f"{name}.")]
-        if isinstance(m, GroupedLinear):
-            part.fp8_weights += m.weight.numel()
-            part.fp8_flops += 2 * m.weight.numel() * active
-        elif isinstance(m, Gate):
-            part.bf16_flops += 2 * m.weight.numel()
-            part.router += m.weight.numel()
-        elif isinstance(m, Linear) and name == "head":
-            part.bf16_flops += 2 * m.weight.numel() * (1 + cfg.n_mtp_depth)
-        elif isinstance(m, Linear):
-            part.fp8_weights += m.weight.numel()
-            part.fp8_flops += 2 * m.weight.numel()
-        elif isinstance(m, MLA):
-            part.attn_flops += cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1)
+        if isinstance(m, Gate):
+            parts[part_of(f"{name}.")].router += m.weight.numel()
+        elif isinstance(m, (Linear, GroupedLinear)) and name != "head":
+            parts[part_of(f"{name}.")].fp8_weights += m.weight.numel()
+
+    def add_block(part: Part, layer: int) -> None:
+        ffn = flops.ffn_macs(cfg, layer >= cfg.first_k_dense)
+        part.bf16_flops += 2 * ffn.pop("router", 0)
+        part.fp8_flops += 2 * (flops.mla_gemm_macs(cfg) + sum(ffn.values()))
+        part.attn_flops += 2 * flops.attention_core_macs(cfg, (seq_len + 1) / 2)
+
+    for i in range(cfg.n_layers):
+        add_block(parts[f"layers.{i}"], i)
+    head = parts["head"]
+    head.bf16_flops += 2 * cfg.dim * cfg.vocab_size * (1 + cfg.n_mtp_depth)
+    for k in range(cfg.n_mtp_depth):
+        head.fp8_flops += 2 * 2 * cfg.dim * cfg.dim  # M_k
+        add_block(head, cfg.n_layers + k)
     for i in range(cfg.n_layers):
         moe = i >= cfg.first_k_dense
         parts[f"layers.{i}"].act_bytes = layer_activation_bytes(cfg, moe, fp8)
@@ -230,7 +231,7 @@ def layer_activation_bytes(cfg: ModelConfig, moe: bool, fp8: bool, attention: st
 
     k = cfg.n_activated_experts
     balance_loss = (cfg.balance == "aux_free" and cfg.seq_aux_alpha > 0) or (
-        cfg.balance == "aux_loss" and cfg.aux_loss_alpha > 0)
+        cfg.balance in ("aux_loss", "batch_aux") and cfg.aux_loss_alpha > 0)
     out += r * 2 * d + 4 * cfg.n_routed_experts + 12 * k + 4 + (4 if balance_loss else 0)
     if cfg.n_shared_experts:
         inter = cfg.n_shared_experts * cfg.moe_inter_dim

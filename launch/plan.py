@@ -176,7 +176,8 @@ class Plan:
 
     @property
     def flops_per_token(self) -> float:
-        """Model FLOPs per token trained (forward and backward: 3 x forward), MTP included."""
+        """Model FLOPs per token trained (model/flops.py: forward and backward = 3 x forward, MTP included), the
+        sum of the stages' forward FLOPs x 3."""
         return 3 * sum(s.flops for s in self.stages) / self.layout.tokens
 
 
@@ -267,8 +268,8 @@ def format_plan(plan: Plan, cluster_name: str) -> str:
         ("reserved", f"{cl.reserved_gb:g} GB per GPU: CUDA context, communication buffers, allocator slack"),
         ("all-to-all", f"{lay.dispatch} dispatch; a token reaches {plan.a2a.nodes_per_token:g} node(s) (the "
                        "node-limited bound); IB and NVLink legs pipelined; hidden under F&B pairs only"),
-        ("FLOPs", "2 per weight per token forward, backward 2x forward (6N), W = the GEMM part of F; causal "
-                  "attention over (T+1)/2 keys on average; MTP included; pipeline sends hidden"),
+        ("FLOPs", "model/flops.py: 2 per weight per token forward, backward 2x forward (6N), W = the GEMM part "
+                  "of F; causal attention over (T+1)/2 keys on average; MTP included; pipeline sends hidden"),
     ] + [("note", n) for n in plan.notes]
     out += [f"  {k:<12}{v}" for k, v in assume]
 

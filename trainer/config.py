@@ -72,6 +72,10 @@ class TrainerConfig(Config):
     # a rank with no finished step for this long dumps its stacks into the run directory and ends the job
     # (trainer/watchdog.py; checkpoint saves excepted); 0 = off
     hang_timeout_s: float = 1800.0
+    # peak FLOP/s per device (TFLOP/s) that `mfu` divides by; None = the GPU's dense BF16 peak from trainer/mfu.py's
+    # table (found by its NVML name), or on the CPU this machine's GEMM peak measured at start-up
+    peak_tflops: float | None = None
+    compile: bool = False  # torch.compile the dense modules (trainer/compile.py); off: no speed-up measured on CPU
 
     def validate(self) -> TrainerConfig:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "keep_checkpoints"):
@@ -81,6 +85,9 @@ class TrainerConfig(Config):
                      "hang_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"trainer.peak_tflops: must be > 0 (TFLOP/s per device) or null (the GPU table or the "
+                              f"measured CPU peak), got {self.peak_tflops}")
         if self.init_missing not in (None, "mtp"):
             raise ConfigError(f"trainer.init_missing={self.init_missing!r}: must be mtp (initialise MTP weights the "
                               "trainer.init_from source lacks) or null")

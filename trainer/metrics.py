@@ -52,7 +52,7 @@ class Metrics:
 
     def log_step(self, record: dict[str, Any]) -> None:
         """One training step: `step, tokens, loss, lm_loss, mtp_loss, aux_loss, lr, grad_norm, maxvio,
-        step_time_s, tokens_per_s` and any extra keys (e.g. `maxvio_layer`, `skipped`, the per-rank summaries
+        step_time_s, tokens_per_s, tflops_per_device, mfu` and any extra keys (e.g. `maxvio_layer`, `skipped`, the per-rank summaries
         of trainer/reduce.py)."""
         record = {"split": "train", **record}
         self._write(record)
@@ -103,6 +103,8 @@ class Metrics:
         loss = r.get("lm_loss", r["loss"])  # next-token loss, comparable with val_loss
         parts = [f"step {r['step']}/{self.total_steps}", f"loss {_fmt(loss)}", f"lr {r['lr']:.2e}",
                  f"{r['tokens_per_s']:,.0f} tok/s", f"maxvio {_fmt(r['maxvio'])}"]
+        if isinstance(r.get("mfu"), float):
+            parts.append(f"MFU {100 * r['mfu']:.1f}%")
         if isinstance(r.get("gpu_mem_gb_max"), float):  # the fullest rank's memory, the mean utilisation
             parts.append(f"gpu {r['gpu_mem_gb_max']:.1f} GB {_fmt(r.get('gpu_util_mean'), '.0f')}%")
         if r.get("skipped"):

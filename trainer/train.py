@@ -54,10 +54,12 @@ from parallel.pipeline.pipeline import LOSS_KEYS, Batch, Pipeline
 from trainer import reduce
 from trainer.balance import BiasBalancer
 from trainer.checkpoint import CheckpointError, ensure_writable, latest_checkpoint
+from trainer.compile import compile_dense
 from trainer.config import CONFIG_MODULE, RunConfig, TrainerConfig, compose_config, load_config
 from trainer.ema import EMA
 from trainer.init_from import load_init
 from trainer.metrics import Metrics
+from trainer.mfu import Throughput
 from trainer.rundir import rank_log, record_config, run_dir_for
 from trainer.shards import Shards, model_index
 from trainer.state import TrainState, restore, resume_from, save
@@ -142,6 +144,8 @@ def build_model(cfg: RunConfig, grid: ProcessGrid, init_from: str | None = None)
             print(line, flush=True)
     cast_for_compute(model, dtype)
     attach_main_grads(model.parameters())
+    if cfg.trainer.compile:
+        compile_dense(model)
     opt = build_optimizer(model, grid, pipeline, cfg.optim)
     return ModelPart(model, pipeline, opt, shapes, params)
 
@@ -263,6 +267,10 @@ def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> Tra
         if cfg.trainer.eval_every else []
     rank_stats = reduce.RankStats(grid, run.model, run.pipeline, cfg.parallel.fabric is not None,
                                   cfg.logging.per_rank_every)
+    throughput = Throughput.for_run(cfg.model, cfg.data.seq_len, grid.world_size, cfg.trainer.peak_tflops,
+                                    grid.device, torch_dtype(cfg.trainer.dtype))
+    if grid.is_main:
+        print(throughput.line(), flush=True)
     watchdog = Watchdog(cfg.trainer.hang_timeout_s, run_dir, grid.rank, state.step)
     try:
         while state.step < cfg.trainer.max_steps:
@@ -271,8 +279,9 @@ def train(cfg: RunConfig, run_dir: Path, grid: ProcessGrid | None = None) -> Tra
             ranks = rank_stats.collect(state.step, time.perf_counter() - t0)
             step_time = ranks["step_time_s_max"]  # the step ends with its slowest rank
             loads = record.pop("expert_loads")
-            metrics.log_step({**record, "step_time_s": step_time,
-                              "tokens_per_s": record["tokens_in_step"] / step_time, **ranks})
+            tokens_per_s = record["tokens_in_step"] / step_time
+            metrics.log_step({**record, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+                              **throughput.record(tokens_per_s), **ranks})
             metrics.log_expert_loads(state.step, loads)
             if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0:
                 metrics.log_eval(state.step, validation(grid, run.pipeline, valid, cfg.trainer.eval_position_buckets))

@@ -4,6 +4,7 @@ uninterrupted run, an ablation with one run directory per point, and the errors 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from model.flops import flops_per_token
+from trainer.config import compose_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,8 +54,18 @@ def test_run_writes_metrics_checkpoints_and_loss_falls(tmp_path, cache_dir):
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 13))
     for key in ("step", "tokens", "loss", "lm_loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "maxvio",
-                "step_time_s", "tokens_per_s"):
+                "step_time_s", "tokens_per_s", "tflops_per_device", "mfu"):
         assert key in train[0], key
+    # model TFLOP/s per device from the analytic count (one process: the device does all of it) and MFU against
+    # one peak (the CPU GEMM peak measured at start-up): the same ratio in every record
+    cfg = load_config(compose_config(FAST))
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    for r in train:
+        assert math.isclose(r["tflops_per_device"], per_token * r["tokens_per_s"] / 1e12, rel_tol=1e-9)
+        assert r["mfu"] > 0
+        assert math.isclose(r["mfu"] / r["tflops_per_device"], train[0]["mfu"] / train[0]["tflops_per_device"],
+                            rel_tol=1e-9)
+    assert "GFLOP per token" in result.stdout and "measured CPU GEMM peak" in result.stdout
     assert any(r["split"] == "valid" and "val_loss" in r for r in records)
     assert sum(r["loss"] for r in train[-3:]) < sum(r["loss"] for r in train[:3]) - 0.5
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
@@ -124,7 +138,7 @@ def test_bad_input_is_a_clear_error(tmp_path, cache_dir, args, words):
 @pytest.mark.parametrize("override,words", [
     ("optim.lr=abc", ["optim.lr='abc'", "a number"]),
     ("parallel.pp=two", ["parallel.pp='two'", "an integer"]),
-    ("model.balance=foo", ["model.balance='foo'", "aux_free, aux_loss, none"]),
+    ("model.balance=foo", ["model.balance='foo'", "aux_free, aux_loss, batch_aux, none"]),
     ("fp8.recipe=fast", ["fp8.recipe='fast'", "off, emulate, hopper"]),
     ("data.bogus=1", ["data.bogus", "its keys are: seq_len"]),
     pytest.param("fp8=hopper", ["fp8.backend=torch cannot run on this machine", "a CUDA GPU"],
