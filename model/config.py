@@ -12,7 +12,7 @@ from typing import Any
 
 from core.config import Config, ConfigError, choice, from_dict
 
-Balance = choice("Balance", "aux_free aux_loss none", __name__)
+Balance = choice("Balance", "aux_free aux_loss batch_aux none", __name__)
 ExpertGemm = choice("ExpertGemm", "grouped_mm loop", __name__)
 
 
@@ -65,9 +65,12 @@ class ModelConfig(Config):
     topk_group: int = 4  # groups a token may reach (M)
     moe_inter_dim: int = 2048  # intermediate size of every expert
     routed_scaling_factor: float = 2.5  # gate multiplier after normalisation
-    balance: Balance = Balance("aux_free")  # aux_free (bias + sequence loss) | aux_loss (classic expert loss) | none
+    # aux_free (bias + the small sequence-wise loss, seq_aux_alpha) | aux_loss (no bias: the classic expert-level
+    # loss per sequence, aux_loss_alpha; the baseline of paper Table 5) | batch_aux (that loss over all the tokens
+    # of a micro-batch, paper 4.5.3) | none
+    balance: Balance = Balance("aux_free")
     seq_aux_alpha: float = 1e-4  # weight alpha of the complementary sequence-wise loss (aux_free)
-    aux_loss_alpha: float = 1e-3  # weight of the classic expert-level balance loss (aux_loss)
+    aux_loss_alpha: float = 1e-3  # weight of the classic expert-level balance loss (aux_loss, batch_aux)
     expert_gemm: ExpertGemm = ExpertGemm("grouped_mm")  # routed-expert GEMM: grouped_mm | loop (over experts)
     # route token t to experts tK .. tK + K - 1 (mod E) whatever the scores: a perfectly even load for benchmarks and
     # memory tests (the gate weights still come from the scores); every metrics record says when it is on

@@ -8,9 +8,13 @@ groups masked with -inf); the gate is the chosen affinities normalised to sum 1,
 Balancing:
 - aux-loss-free: the router counts tokens per expert while training; the trainer all-reduces the counts and
   applies `update_bias` (b += gamma * sign(mean - load)) once per step;
-- the complementary sequence-wise loss (alpha * sum_i f_i P_i per sequence) with `balance: aux_free`, or
-  the classic batch-wise expert loss with `balance: aux_loss`; either is attached to the activations by
-  `AttachLoss` so that a pipeline stage still passes a single tensor.
+- the complementary sequence-wise loss (alpha * sum_i f_i P_i per sequence) with `balance: aux_free`; without
+  the bias, the classic auxiliary loss (the same formula with its own weight, DeepSeek-V2's expert-level loss and
+  the baseline of the paper's Table 5) per sequence with `balance: aux_loss`, or over all the tokens of the
+  micro-batch with `balance: batch_aux` (paper 4.5.3: batch-wise versus sequence-wise balancing scope). A true
+  whole-batch scope would need the expert counts of every micro-batch and DP rank before any backward; the
+  micro-batch is the largest scope a rank sees at once. The loss is attached to the activations by `AttachLoss`
+  so that a pipeline stage still passes a single tensor.
 
 Routed experts run as grouped GEMMs over rows sorted by expert (`model.linear.GroupedLinear`).
 
@@ -125,7 +129,7 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int, a
 
 
 def expert_balance_loss(scores: torch.Tensor, idx: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Classic expert-level auxiliary loss over all tokens of the micro-batch (for ablations, paper 4.5.2)."""
+    """The expert-level auxiliary loss over all tokens of the micro-batch (`balance: batch_aux`, paper 4.5.3)."""
     n_tokens, n_experts = scores.shape
     k = idx.shape[1]
     flat = idx.flatten()
@@ -273,6 +277,8 @@ class MoE(nn.Module):
         if self.balance == "aux_free" and self.seq_aux_alpha > 0:
             loss = sequence_balance_loss(scores, idx, h.shape[0], self.seq_aux_alpha)
         elif self.balance == "aux_loss" and self.aux_loss_alpha > 0:
+            loss = sequence_balance_loss(scores, idx, h.shape[0], self.aux_loss_alpha)
+        elif self.balance == "batch_aux" and self.aux_loss_alpha > 0:
             loss = expert_balance_loss(scores, idx, self.aux_loss_alpha)
         if loss is not None and torch.is_grad_enabled():
             self.last_aux_loss = loss.detach()

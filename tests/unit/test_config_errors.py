@@ -15,7 +15,7 @@ from trainer.train import composition_error
 # (override, words the message must hold): a wrong type, an unknown choice, a bad bool, per group
 BAD_VALUES = [
     ("model.dim=wide", ["model.dim", "'wide'", "an integer"]),
-    ("model.balance=foo", ["model.balance", "'foo'", "aux_free, aux_loss, none"]),
+    ("model.balance=foo", ["model.balance", "'foo'", "aux_free, aux_loss, batch_aux, none"]),
     ("parallel.pp=two", ["parallel.pp", "'two'", "an integer"]),
     ("parallel.schedule=gpipe", ["parallel.schedule", "'gpipe'", "1f1b, zb1p, dualpipe, dualpipev"]),
     ("parallel.overlap=maybe", ["parallel.overlap", "'maybe'", "true or false"]),

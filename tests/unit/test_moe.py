@@ -181,18 +181,19 @@ def test_attach_loss_adds_the_loss_gradient_without_changing_the_value():
     torch.testing.assert_close(x.grad, torch.full((5,), 2.0))
 
 
-@pytest.mark.parametrize("balance", ["aux_free", "aux_loss", "none"])
+@pytest.mark.parametrize("balance", ["aux_free", "aux_loss", "batch_aux", "none"])
 def test_balance_switch_selects_the_loss(balance):
     from model.moe import MoE
 
     torch.manual_seed(7)
-    cfg = small_config(balance=balance, seq_aux_alpha=0.5, aux_loss_alpha=0.5)
+    cfg = small_config(balance=balance, seq_aux_alpha=0.5, aux_loss_alpha=0.25)
     moe = MoE(cfg)
     h = torch.randn(2, 6, cfg.dim, requires_grad=True)
     out, idx, _ = moe.route(h)
     scores = moe.gate(h.detach().flatten(0, 1))[0]
     expected = {"aux_free": sequence_balance_loss(scores, idx, 2, 0.5),
-                "aux_loss": expert_balance_loss(scores, idx, 0.5), "none": None}[balance]
+                "aux_loss": sequence_balance_loss(scores, idx, 2, 0.25),  # per sequence, its own weight
+                "batch_aux": expert_balance_loss(scores, idx, 0.25), "none": None}[balance]
     if expected is None:
         assert out is h and moe.last_aux_loss is None
     else:
