@@ -14,6 +14,7 @@ any other value with the list of choices.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import typing
@@ -28,6 +29,14 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config value is wrong or inconsistent; the message names the field and the fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the command-line tools (hai-plan, hai-compare): a usage error is a ConfigError naming the
+    tool's --help, reported like every other error of the tool (one line, exit code 2), not argparse's usage dump."""
+
+    def error(self, message: str) -> None:
+        raise ConfigError(f"{message} ({self.prog} --help)")
 
 
 class Choice(str, Enum):

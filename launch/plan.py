@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from configs import ROOT as CONFIGS
-from core.config import ConfigError, from_dict
+from core.config import ArgumentParser, ConfigError, from_dict
 from fp8.config import FP8Config
 from launch import cost
 from launch.cost import GB, Cluster, Layout
@@ -346,13 +346,8 @@ def plan_json(plan: Plan) -> dict:
 
 # ---- command line -----------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2, as every other error of hai-plan
-        raise ConfigError(f"{message} (hai-plan --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="hai-plan", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="hai-plan", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for hai-train (model=..., parallel.pp=...)")
     p.add_argument("--cluster", help=f"cluster file, or the name of a shipped one ({', '.join(cluster_names())}); "

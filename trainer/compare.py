@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from core.config import ConfigError
+from core.config import ArgumentParser, ConfigError
 from trainer.metrics import METRICS_FILE
 
 TAIL_FRACTION = 0.1  # the share of the training records the training metrics are averaged over
@@ -409,13 +409,8 @@ def _clip(text: str, width: int = 60) -> str:
 
 # ---- command line -------------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit code 2, as every other error of hai-compare
-        raise ConfigError(f"{message} (hai-compare --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="hai-compare", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="hai-compare", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", metavar="RUN_OR_MULTIRUN_DIR",
                    help="run directories, or directories holding runs (a multirun's: every point)")
