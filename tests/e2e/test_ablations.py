@@ -38,7 +38,7 @@ def test_two_point_ablation_compares_its_runs(tmp_path):
         assert row["maxvio_last10"] == statistics.mean(r["maxvio"] for r in tail)
     md = (out / "ablations.md").read_text()
     assert "## mtp" in md and "Table 4" in md and "validation loss lower with MTP:" in md
-    assert "one seed per point" in md  # one seed: the verdict says it cannot judge the spread
+    assert "one seed: no spread" in md  # one seed: the verdict says it cannot judge the spread
     assert (out / "ablations" / "mtp" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "ablations.json").read_text())
     assert summary["steps"] == 3 and list(summary["ablations"]) == ["mtp"]
