@@ -52,8 +52,8 @@ class Metrics:
 
     def log_step(self, record: dict[str, Any]) -> None:
         """One training step: `step, tokens, loss, lm_loss, mtp_loss, aux_loss, lr, grad_norm, maxvio,
-        step_time_s, tokens_per_s, tflops_per_device, mfu` and any extra keys (e.g. `maxvio_layer`, `skipped`, the per-rank summaries
-        of trainer/reduce.py)."""
+        step_time_s, tokens_per_s, tflops_per_device, mfu` and any extra keys (e.g. `maxvio_layer`, `skipped`, the
+        per-rank summaries of trainer/reduce.py)."""
         record = {"split": "train", **record}
         self._write(record)
         self._step_times.append(record["step_time_s"])
