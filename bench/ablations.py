@@ -187,11 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.only = ["balance", *args.only]  # scope reads balance's aux_free and aux_loss points
     args.out.mkdir(parents=True, exist_ok=True)
     args.runs.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, load_before = time.perf_counter(), os.getloadavg()[0]
     # the FP8 points (the exact CPU reference GEMMs, about twice as slow) first, so the others fill the other slot
     pending, running, seconds = sorted(args.only, key=lambda n: n != "fp8"), {}, {}
+    earlier = {}  # with --report-only, the training invocation's summary: its time and load
     if args.report_only:
         pending = []
+        if (args.out / "ablations.json").exists():
+            earlier = json.loads((args.out / "ablations.json").read_text())
+        seconds = {k: v.get("seconds") for k, v in earlier.get("ablations", {}).items()}
     while pending or running:
         while pending and len(running) < args.jobs:
             name = pending.pop(0)
@@ -218,21 +222,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      *([NOTES[name], ""] if name in NOTES else []),
                      *(f"- {v}" for v in results[name]["verdicts"]), "",
                      f"![{name}](ablations/{name}/compare.png)", ""]
-    total = time.perf_counter() - t0
-    previous = args.out / "ablations.json"
-    if args.report_only and previous.exists():  # the training time is the earlier invocation's
-        total = json.loads(previous.read_text())["minutes"] * 60
+    total, load = time.perf_counter() - t0, [load_before, os.getloadavg()[0]]
+    if args.report_only:
+        total, load = earlier.get("minutes", 0.0) * 60, earlier.get("load_average")
+    when = f" (load average {load[0]:.2f} before, {load[1]:.2f} after)" if load else ""
     header = [
         "# The paper's ablations at our scale (`python -m bench.ablations`)", "",
         f"Tiny preset on the embedded corpus, {args.steps} steps, {args.seeds} seeds per point (trainer.seed: init "
         f"and data order), same data; {args.jobs} multiruns at a time on one thread each; {total / 60:.1f} min in "
-        "all (other jobs shared the cores while it ran). Rows: hai-compare --seeds (mean ± std over the seeds). A "
+        f"all{when}. Rows: hai-compare --seeds (mean ± std over the seeds). A "
         "verdict pairs the runs of one seed (the same data order and initial weights), so seed-to-seed noise cancels: "
         "'yes' when the direction holds for every seed, 'mixed' when the seeds disagree; with 3 seeds, 'yes' by "
         "chance alone has probability 1/8. Extra overrides: "
         f"{' '.join(args.extra) or 'none'}.", ""]
     (args.out / "ablations.md").write_text("\n".join(header + sections))
-    summary = {"steps": args.steps, "seeds": args.seeds, "minutes": total / 60, "extra": args.extra,
+    summary = {"steps": args.steps, "seeds": args.seeds, "minutes": total / 60, "load_average": load,
+               "extra": args.extra,
                "ablations": {k: {"verdicts": v["verdicts"], "seconds": v["seconds"], "rows": v["result"]["rows"]}
                              for k, v in results.items()}}
     (args.out / "ablations.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
