@@ -159,9 +159,6 @@ def verdicts(name: str, result: dict[str, Any]) -> list[str]:
         return out
     if name == "fp8":
         fp8, off = _row(result, "fp8.recipe", "emulate"), _row(result, "fp8.recipe", "off")
-        if fp8 is None or off is None:
-            fp8, off = (next((r for r in result["rows"] if "emulate" in json.dumps(r["overrides"])), None),
-                        next((r for r in result["rows"] if "emulate" not in json.dumps(r["overrides"])), None))
         rel = _paired(fp8, off, "train_loss_last10", relative=True) if fp8 and off else []
         if rel:
             worst = max(abs(r) for r in rel)

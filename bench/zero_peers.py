@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bench.gloo import run_gloo
-from optim.adamw import weight_decay_of
+from optim.adamw import param_groups
 from optim.config import OptimConfig
 from parallel.zero import ZeroOptimizer
 
@@ -88,11 +88,6 @@ class Stack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    return [{"params": [p for p in model.parameters() if weight_decay_of(p, cfg) > 0], "weight_decay": WD},
-            {"params": [p for p in model.parameters() if weight_decay_of(p, cfg) == 0], "weight_decay": 0.0}]
 
 
 class _Peer:
@@ -139,7 +134,8 @@ def _deepspeed(base: nn.Module, cfg: OptimConfig) -> _Peer:
                                                          "weight_decay": WD}},
               "gradient_clipping": CLIP, "zero_optimization": {"stage": 1},
               "fp16": {"enabled": False}, "bf16": {"enabled": False}, "steps_per_print": 10**9}
-    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, cfg), config=config)
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model.parameters(), cfg),
+                                             config=config)
     assert isinstance(opt, DeepSpeedZeroOptimizer), type(opt)
 
     def state() -> tuple[int, int]:
@@ -155,7 +151,7 @@ def _torch(base: nn.Module, cfg: OptimConfig) -> _Peer:
 
     model = copy.deepcopy(base)
     params = list(model.parameters())
-    zro = ZeroRedundancyOptimizer(_param_groups(model, cfg), optimizer_class=torch.optim.AdamW, lr=LR, betas=BETAS,
+    zro = ZeroRedundancyOptimizer(param_groups(params, cfg), optimizer_class=torch.optim.AdamW, lr=LR, betas=BETAS,
                                   eps=EPS)
 
     def step() -> None:

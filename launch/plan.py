@@ -348,7 +348,7 @@ def plan_json(plan: Plan) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="hai-plan", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for hai-train (model=..., parallel.pp=...)")
     p.add_argument("--cluster", help=f"cluster file, or the name of a shipped one ({', '.join(cluster_names())}); "
                                      f"default when a cluster flag is given: {DEFAULT_CLUSTER.stem}")

@@ -28,13 +28,19 @@ from __future__ import annotations
 from model.config import ModelConfig
 
 
+def mla_up_macs(cfg: ModelConfig) -> int:
+    """Multiply-adds per token of one MLA layer's up-projections (W_UQ, or W_Q without a query latent, and W_UKV):
+    the projections `recompute_mla_up_proj` runs again."""
+    h = cfg.n_heads
+    q = (cfg.dim if cfg.q_lora_rank is None else cfg.q_lora_rank) * h * cfg.qk_head_dim
+    return q + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+
+
 def mla_gemm_macs(cfg: ModelConfig) -> int:
-    """Multiply-adds per token of one MLA layer's projections (not the core attention)."""
-    h, qk = cfg.n_heads, cfg.qk_head_dim
-    q = cfg.dim * h * qk if cfg.q_lora_rank is None else cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank * h * qk
-    kv = cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim
-                                                                                        + cfg.v_head_dim)
-    return q + kv + h * cfg.v_head_dim * cfg.dim
+    """Multiply-adds per token of one MLA layer's projections (not the core attention): W_DQ, W_DKV (with W_KR),
+    the up-projections and W_O."""
+    down = (cfg.q_lora_rank or 0) * cfg.dim + cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return down + mla_up_macs(cfg) + cfg.n_heads * cfg.v_head_dim * cfg.dim
 
 
 def attention_core_macs(cfg: ModelConfig, keys_per_query: float) -> float:
@@ -90,10 +96,7 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     if not cfg.recompute_mla_up_proj:
         return 0.0
     blocks = cfg.n_layers + cfg.n_mtp_depth
-    h = cfg.n_heads
-    up = (cfg.q_lora_rank * h * cfg.qk_head_dim if cfg.q_lora_rank is not None else cfg.dim * h * cfg.qk_head_dim)
-    up += cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return blocks * 2 * (up + attention_core_macs(cfg, (seq_len + 1) / 2))
+    return blocks * 2 * (mla_up_macs(cfg) + attention_core_macs(cfg, (seq_len + 1) / 2))
 
 
 __all__ = ["flops_per_token", "forward_flops", "recompute_flops_per_token"]

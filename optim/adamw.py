@@ -53,6 +53,14 @@ def weight_decay_of(p: Tensor, cfg: OptimConfig) -> float:
     return cfg.weight_decay if p.ndim >= 2 else 0.0
 
 
+def param_groups(params: Iterable[Tensor], cfg: OptimConfig) -> list[dict]:
+    """`weight_decay_of` as two parameter groups (decayed, not) for optimizers that take torch's groups, such as
+    torch.optim.AdamW or DeepSpeed's (the ZeRO-1 comparisons in tests/dist/test_zero_peers.py, bench/zero_peers.py)."""
+    params = list(params)
+    return [{"params": [p for p in params if weight_decay_of(p, cfg) > 0], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if weight_decay_of(p, cfg) == 0], "weight_decay": 0.0}]
+
+
 class AdamW(Optimizer):
     """AdamW over a model's parameters with fp32 master weights and bf16 or fp32 moments (paper 3.3).
 

@@ -411,7 +411,7 @@ def _clip(text: str, width: int = 60) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="hai-compare", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", metavar="RUN_OR_MULTIRUN_DIR",
                    help="run directories, or directories holding runs (a multirun's: every point)")
     p.add_argument("--baseline", type=int, default=0, help="the row the others are compared with (default 0)")

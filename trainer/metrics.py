@@ -205,6 +205,11 @@ class GpuMonitor:
         except Exception:  # ImportError, NVMLError (no driver, no permission): GPU metrics are optional
             return None
 
+    def name(self) -> str:
+        """The GPU's name as NVML reports it (e.g. "NVIDIA H800")."""
+        name = self.nvml.nvmlDeviceGetName(self.handle)
+        return name.decode() if isinstance(name, bytes) else str(name)
+
     def read(self) -> dict[str, float]:
         try:
             memory = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.flops import flops_per_token
+from trainer.metrics import GpuMonitor
 
 # dense BF16 tensor-core TFLOP/s per GPU; the most specific names first (a name is matched as a whole word)
 GPU_PEAK_TFLOPS_BF16 = (
@@ -46,27 +47,22 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 
 def gpu_name(device: torch.device) -> str:
-    """The GPU's name from NVML (nvidia-ml-py), else torch's."""
+    """The GPU's name from NVML (GpuMonitor: the handle found by the device's UUID), else torch's."""
+    monitor = GpuMonitor.create()
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index))
-        return name.decode() if isinstance(name, bytes) else str(name)
-    except Exception:  # no nvidia-ml-py, no driver access: torch knows the name too
+        return monitor.name() if monitor is not None else torch.cuda.get_device_name(device)
+    except Exception:  # an NVML error: torch knows the name too
         return torch.cuda.get_device_name(device)
 
 
-def measure_cpu_peak(dtype: torch.dtype, group: dist.ProcessGroup | None = None, n: int = CPU_GEMM_N) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` on this CPU (the best of a few after one warm-up), timed by all
-    ranks of `group` (the default group when None and one exists) at once, after a barrier, so that ranks
-    sharing cores measure their share; the ranks' mean."""
+def measure_cpu_peak(dtype: torch.dtype, n: int = CPU_GEMM_N) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on this CPU (the best of a few after one warm-up), timed by every
+    rank at once, after a barrier, so that ranks sharing cores measure their share; the ranks' mean."""
     a = torch.randn(n, n, device="cpu").to(dtype)
     b = torch.randn(n, n, device="cpu").to(dtype)
     ranks = dist.is_initialized()
     if ranks:
-        dist.barrier(group)
+        dist.barrier()
     a @ b
     times = []
     for _ in range(CPU_GEMM_REPEATS):
@@ -75,8 +71,8 @@ def measure_cpu_peak(dtype: torch.dtype, group: dist.ProcessGroup | None = None,
         times.append(time.perf_counter() - t0)
     peak = torch.tensor([2 * n**3 / min(times)], dtype=torch.float64, device="cpu")
     if ranks:
-        dist.all_reduce(peak, group=group)
-        peak /= dist.get_world_size(group)
+        dist.all_reduce(peak)
+        peak /= dist.get_world_size()
     return float(peak)
 
 
@@ -92,7 +88,7 @@ class Throughput:
 
     @classmethod
     def for_run(cls, model: ModelConfig, seq_len: int, world_size: int, peak_tflops: float | None,
-                device: torch.device, dtype: torch.dtype, group: dist.ProcessGroup | None = None) -> Throughput:
+                device: torch.device, dtype: torch.dtype) -> Throughput:
         """The peak by the module docstring's rule for this rank's `device` and compute `dtype`."""
         if peak_tflops is not None:
             peak, source = peak_tflops * 1e12, f"trainer.peak_tflops={peak_tflops:g}"
@@ -104,7 +100,7 @@ class Throughput:
                       f"{name} is not in trainer/mfu.py's GPU table: mfu is null; set trainer.peak_tflops=<its "
                       "dense BF16 TFLOP/s>")
         else:
-            peak = measure_cpu_peak(dtype, group)
+            peak = measure_cpu_peak(dtype)
             source = f"measured CPU GEMM peak {peak / 1e9:.1f} GFLOP/s ({CPU_GEMM_N}^3, {dtype})"
         return cls(model, seq_len, world_size, peak, source)
 

@@ -16,7 +16,7 @@ What had to be aligned (read from the three sources; DeepSpeed 0.19.8, torch 2.1
   multiplies by 1/sqrt(1 - beta2^t) instead of dividing). EPS is 1e-4 rather than our default 1e-8 so that its
   placement is observable (most gradient elements here lie between 1e-3 and 3e-2; the loud step's are larger).
 - Which parameters decay: ours decays matrices only (`optim.adamw.weight_decay_of`); DeepSpeed and torch get the
-  same two parameter groups (matrices at WD, biases at 0).
+  same two parameter groups (`optim.adamw.param_groups`: matrices at WD, biases at 0).
 - The clip: all three scale by min(1, CLIP / (norm + 1e-6)); DeepSpeed writes it as 1 / max(1, (norm + 1e-6) / CLIP)
   (the same up to rounding); torch's optimizer does not clip, so torch's `clip_grad_norm_` runs by hand on the
   DDP-averaged (hence global) gradients before `step`.
@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from optim.adamw import weight_decay_of
+from optim.adamw import param_groups
 from optim.config import OptimConfig
 from parallel.zero import ZeroOptimizer
 from tests.dist.conftest import ROOT, run_distributed
@@ -112,13 +112,6 @@ def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).square().mean()
 
 
-def _param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Our decay rule as two parameter groups, for the optimizers that take groups."""
-    decayed = [p for p in model.parameters() if weight_decay_of(p, cfg) > 0]
-    plain = [p for p in model.parameters() if weight_decay_of(p, cfg) == 0]
-    return [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-
-
 def _deepspeed_config() -> dict:
     return {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [BETA1, BETA2], "eps": EPS,
@@ -158,7 +151,7 @@ def _worker(rank: int, world: int, with_deepspeed: bool) -> None:
 
     torch_model = copy.deepcopy(base)
     ddp = DistributedDataParallel(torch_model)
-    zro = ZeroRedundancyOptimizer(_param_groups(torch_model, cfg), optimizer_class=torch.optim.AdamW, lr=LR,
+    zro = ZeroRedundancyOptimizer(param_groups(torch_model.parameters(), cfg), optimizer_class=torch.optim.AdamW, lr=LR,
                                   betas=(BETA1, BETA2), eps=EPS, foreach=False)
 
     engine = ds_opt = None
@@ -169,7 +162,7 @@ def _worker(rank: int, world: int, with_deepspeed: bool) -> None:
 
         deepspeed.init_distributed(dist_backend="gloo")  # wraps the group run_distributed initialised
         ds_model = copy.deepcopy(base)
-        engine, ds_opt, _, _ = deepspeed.initialize(model=ds_model, model_parameters=_param_groups(ds_model, cfg),
+        engine, ds_opt, _, _ = deepspeed.initialize(model=ds_model, model_parameters=param_groups(ds_model.parameters(), cfg),
                                                     config=_deepspeed_config())
         assert isinstance(ds_opt, DeepSpeedZeroOptimizer), type(ds_opt)
         assert engine.zero_optimization_stage() == 1
