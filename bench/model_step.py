@@ -160,7 +160,7 @@ def load_hf(path: Path, attn: str) -> nn.Module:
     import transformers
 
     transformers.logging.set_verbosity_error()  # the unused MTP layer is reported as unexpected weights
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
     return model.train()
 
 

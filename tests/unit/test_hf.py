@@ -73,7 +73,7 @@ def tokens(seq_len: int, seed: int = 1) -> torch.Tensor:
 
 def load_reference(path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                             torch_dtype=torch.float32)
+                                                             dtype=torch.float32)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,7 +2,9 @@
 the release quantises, in 128x128 blocks with fp32 `_scale_inv` (tails cut), and `load_hf` / `HFReader` read it
 back against a float64 reference of the release's rule (weight = fp8 x scale_inv per block); a scale in another
 shard than its weight is found; missing or mis-shaped scales fail naming the tensor; both directions stream
-(peak memory measured in a fresh process against a budget)."""
+(peak memory measured in a fresh process against a budget). transformers' own loader of the release (its fine-grained
+FP8 quantizer, which dequantises at load on a machine without a GPU) reads our export to the same weights, bit for
+bit, and logits as `load_hf`."""
 
 from __future__ import annotations
 
@@ -173,3 +175,50 @@ def test_conversion_streams_within_a_budget(tmp_path):
     name = "model.layers.1.mlp.experts.5.gate_proj.weight"
     assert torch.equal(back[name], fp8.hf_tensor(name).bfloat16())
     assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+
+
+# Every FP8 Linear of this model is either one 128x128 block or whole blocks: transformers' CPU path derives the
+# block size from the scale grid (rows // scale rows), which is only right then. With cut edge blocks (DeepSeek's
+# own kv_a_proj_with_mqa is 576 rows) it raises or applies the scales to the wrong rows, on the release as on ours.
+WHOLE_BLOCKS = dict(dim=256, inter_dim=256, n_heads=4, q_lora_rank=128, kv_lora_rank=112, qk_nope_head_dim=16,
+                    qk_rope_head_dim=16, v_head_dim=16, moe_inter_dim=128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_transformers_loads_the_fp8_export_as_it_loads_the_release(tmp_path, dtype):
+    """transformers' own loader of DeepSeek's FP8 release (its fine-grained FP8 quantizer, which on a machine without
+    a GPU dequantises the pre-quantised checkpoint at load) reads `save_hf(..., fp8=True)`: every weight it ends with
+    equals our `load_hf` of the same directory bit for bit (both dequantise in fp32 and round once), its logits match
+    ours, and they differ from the unquantised model's by the format's error, so the FP8 tensors were used."""
+    transformers = pytest.importorskip("transformers", minversion="5.0")  # 4.x refuses FP8 without a GPU
+    transformers.logging.set_verbosity_error()  # the MTP layer is "not used" by transformers, by design
+    torch.manual_seed(0)
+    model = Transformer(_config(**WHOLE_BLOCKS))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("gate.bias"):
+                buf.uniform_(-0.1, 0.1)
+    save_hf(model, tmp_path, fp8=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", dtype=dtype)
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    ours = load_hf(tmp_path).to(dtype)
+    theirs, mine = hf.state_dict(), ours.state_dict()
+    pairs = {"model.layers.0.self_attn.kv_a_proj_with_mqa.weight": mine["layers.0.attn.wkv_a.weight"],
+             "model.layers.2.self_attn.o_proj.weight": mine["layers.2.attn.wo.weight"],
+             "model.layers.0.mlp.down_proj.weight": mine["layers.0.ffn.w2.weight"],
+             "model.layers.1.mlp.shared_experts.up_proj.weight": mine["layers.1.ffn.shared_experts.w3.weight"],
+             # transformers stacks the routed experts: gate_up = [gate; up] per expert
+             "model.layers.1.mlp.experts.gate_up_proj": torch.cat([mine["layers.1.ffn.experts.w1.weight"],
+                                                                   mine["layers.1.ffn.experts.w3.weight"]], 1),
+             "model.layers.2.mlp.experts.down_proj": mine["layers.2.ffn.experts.w2.weight"]}
+    for name, want in pairs.items():
+        assert theirs[name].dtype == want.dtype == dtype and torch.equal(theirs[name], want), name
+    if dtype == torch.float32:  # the file's fp32 router bias (a bf16 load rounds it through bf16: transformers' way)
+        bias = theirs["model.layers.1.mlp.gate.e_score_correction_bias"]
+        assert torch.equal(bias, load_hf(tmp_path).state_dict()["layers.1.ffn.gate.bias"])
+    x = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, ref, unquantised = ours(x).float(), hf(x).logits.float(), model(x)
+    scale = unquantised.abs().max().item()
+    assert (got - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 0.015) * scale
+    assert (ref - unquantised).abs().max() > 5e-3 * scale  # FP8's rounding is visible: the export was quantised
