@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from core.config import ConfigError
 from parallel.config import ParallelConfig
-from parallel.pipeline.p2p import Channel, new_channel_groups, warm_up
+from parallel.pipeline.p2p import Channel, group_desc, new_channel_groups, warm_up
 from parallel.pipeline.schedule import Schedule
 
 __all__ = ["GridLayout", "ProcessGrid", "check_launch", "device_type", "resolve_device"]
@@ -235,9 +235,9 @@ class ProcessGrid(GridLayout):
         # a real backend names groups by creation order, so every rank creates every group; the dry run's fake
         # one needs only this rank's (10K groups at 2048 ranks would cost a second per rank of `--rank all`)
         alone = backend == "fake"
-        groups = {kind: _new_groups(getattr(layout, f"{kind}_groups")(), rank, timeout, backend, options.get(kind),
-                                    alone) for kind in ("dp", "pp", "ep", "edp", "mirror", "embed")}
-        groups["ep_bwd"] = _new_groups(layout.ep_groups(), rank, timeout, backend, options["ep_bwd"], alone)
+        groups = {kind: _new_groups(kind, getattr(layout, f"{kind}_groups")(), rank, timeout, backend,
+                                    options.get(kind), alone) for kind in ("dp", "pp", "ep", "edp", "mirror", "embed")}
+        groups["ep_bwd"] = _new_groups("ep_bwd", layout.ep_groups(), rank, timeout, backend, options["ep_bwd"], alone)
         groups["checkpoint"] = checkpoint_group(cfg.checkpoint_timeout_s, place.type)
         channels = new_channel_groups(schedule, layout.pp_groups(), rank, P2P_BACKENDS[place.type], timeout,
                                       members_only=alone)
@@ -287,17 +287,17 @@ def checkpoint_group(timeout_s: int, device_type: str) -> dist.ProcessGroup:
     (trainer/checkpoint.py): its ranks wait while every rank writes or reads its shard (minutes at 2048 ranks of
     671B), which parallel.timeout_s must not cut short. Gloo alone on CPUs and GPUs: it carries host bytes only."""
     backend = "gloo" if device_type in ("cpu", "cuda") else BACKENDS[device_type]
-    return dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s), group_desc="checkpoint")
 
 
-def _new_groups(groups: list[list[int]], rank: int, timeout: timedelta, backend: str,
+def _new_groups(kind: str, groups: list[list[int]], rank: int, timeout: timedelta, backend: str,
                 options: object | None = None, members_only: bool = False) -> dist.ProcessGroup | None:
     mine = None
     extra = {"pg_options": options} if options is not None else {}
     for ranks in groups:  # every rank creates every group, in the same order
         if members_only and rank not in ranks:
             continue
-        group = dist.new_group(ranks, timeout=timeout, backend=backend, **extra)
+        group = dist.new_group(ranks, timeout=timeout, backend=backend, group_desc=group_desc(kind, ranks), **extra)
         if rank in ranks:
             mine = group
     return mine

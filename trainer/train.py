@@ -63,7 +63,7 @@ from trainer.mfu import Throughput
 from trainer.rundir import rank_log, record_config, run_dir_for
 from trainer.shards import Shards, model_index
 from trainer.state import TrainState, restore, resume_from, save
-from trainer.watchdog import Watchdog
+from trainer.watchdog import Watchdog, record_collectives
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,9 +73,12 @@ class NonFiniteLossError(RuntimeError):
 def preflight(cfg: RunConfig) -> None:
     """What must hold on this machine before any process group is made, beyond the config itself (the launch and
     the device are checked by ProcessGrid.build): the FP8 recipe's GEMM backend runs here (a Hopper GPU for
-    fp8=hopper), else a ConfigError naming the backend, the capability found and the one needed."""
+    fp8=hopper), else a ConfigError naming the backend, the capability found and the one needed. With the hang
+    watchdog on, the flight recorder is switched on for the process groups to come (its dump is the watchdog's)."""
     if cfg.fp8.enabled:
         check_backend(cfg.fp8.gemm_backend())
+    if cfg.trainer.hang_timeout_s > 0:
+        record_collectives()
 
 
 def configure_torch(cfg: TrainerConfig, device: torch.device) -> None:

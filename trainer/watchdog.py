@@ -3,11 +3,13 @@ a deadlock, a stalled file system), which would otherwise hold the whole job unt
 forever (trainer.hang_timeout_s).
 
 A daemon thread watches the training loop's heartbeat (`beat`, once per step). When none comes for the timeout
-it writes every thread's Python stack (faulthandler) and, on NCCL, the flight recorder's record of the last
-collectives into the run directory (`hang.rank<r>.txt`, `nccl_trace/hang_rank_<r>.pkl`), prints one line naming
-the rank, the step and the files, and ends the process with exit code 3, so that torchrun ends (or, with
---max-restarts, restarts) the job. Checkpoint saves have their own, longer timeout (parallel.checkpoint_timeout_s)
-and pause it (`paused`).
+it writes every thread's Python stack (faulthandler) and torch's flight recorder's record of this rank's last
+collectives (NCCL's own recorder on GPUs, the one gloo writes to on CPUs) into the run directory
+(`hang.rank<r>.txt`, `nccl_trace/hang_rank_<r>`, which torch's `torchfrtrace` reads), prints one line naming
+the rank, the step, the collective it waits in (group and sequence number) and the files, and ends the process
+with exit code 3, so that torchrun ends (or, with --max-restarts, restarts) the job. Checkpoint saves have their
+own, longer timeout (parallel.checkpoint_timeout_s) and pause it (`paused`). `record_collectives` switches the
+recorder on before the process group exists, for launchers that did not.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import pickle
 import sys
 import threading
 import time
@@ -22,6 +25,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 EXIT_CODE = 3
+RECORDED = "2000"  # collectives the flight recorder keeps, as launch/launch.py's flight_recorder_env
+# torch 2.13 reads the new name first, the old one after it
+BUFFER_NAMES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+
+
+def record_collectives(environ: dict | None = None) -> None:
+    """Let torch's flight recorder keep this rank's last collectives (torch reads the size when the first process
+    group is made, so call it before): what hai-launch sets on GPUs, here for every backend and launcher (plain
+    torchrun, SLURM, gloo). A size the user set, under either name, is kept, 0 included."""
+    environ = os.environ if environ is None else environ
+    if not any(name in environ for name in BUFFER_NAMES):
+        environ[BUFFER_NAMES[0]] = RECORDED
 
 
 class Watchdog:
@@ -64,28 +79,65 @@ class Watchdog:
             f.write(f"rank {self.rank}: no progress for {self.timeout_s:.0f} s after step {self.step}\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
-        trace = _dump_flight_recorder(self.run_dir, self.rank)
+        trace, waiting = _dump_flight_recorder(self.run_dir, self.rank)
         print(f"error (rank {self.rank}): no progress for {self.timeout_s:.0f} s in step {self.step + 1} "
-              f"(trainer.hang_timeout_s); every thread's stack: {stacks}"
-              + (f"; last NCCL collectives: {trace}" if trace else "") + "; ending the job", file=sys.stderr,
-              flush=True)
+              f"(trainer.hang_timeout_s)" + (f", waiting in {waiting}" if waiting else "")
+              + f"; every thread's stack: {stacks}" + (f"; its last collectives: {trace}" if trace else "")
+              + "; ending the job", file=sys.stderr, flush=True)
         os._exit(EXIT_CODE)
 
 
-def _dump_flight_recorder(run_dir: Path, rank: int) -> Path | None:
-    """NCCL's flight recorder (its last collectives, TORCH_FR_BUFFER_SIZE of them) into the run directory; None
-    without NCCL. torch has no public call for an on-demand dump, hence the private one, guarded."""
+def _dump_flight_recorder(run_dir: Path, rank: int) -> tuple[Path | None, str | None]:
+    """(the file, the collective this rank waits in): torch's flight recorder, its last TORCH_FR_BUFFER_SIZE
+    collectives, written to `nccl_trace/hang_rank_<rank>` in the run directory (torchfrtrace's naming: a prefix and
+    the rank); (None, None) without a process group or with the recorder off. torch has no public call for an
+    on-demand dump, hence the private ones, guarded: NCCL keeps its own recorder (CUDA builds), every other backend
+    writes to the generic one."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"):
-        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, None
     try:
-        from torch._C._distributed_c10d import _dump_nccl_trace
+        from torch._C import _distributed_c10d as c10d
 
-        data = _dump_nccl_trace()
-    except Exception:  # an older or newer torch without it: the stacks still tell where each thread waits
-        return None
-    path = run_dir / "nccl_trace" / f"hang_rank_{rank}.pkl"
+        nccl = dist.get_backend() == "nccl"
+        trace = pickle.loads((c10d._dump_nccl_trace if nccl else c10d._dump_fr_trace)())
+    except Exception:  # a torch without them: the stacks still tell where each thread waits
+        return None, None
+    entries = trace.get("entries", [])
+    if not entries:
+        return None, None
+    if not any(pg.get("ranks", "[]") != "[]" for pg in trace.get("pg_config", {}).values()):
+        trace["pg_config"] = _group_config()
+    path = run_dir / "nccl_trace" / f"hang_rank_{rank}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    path.write_bytes(pickle.dumps(trace))
+    return path, waiting_in(entries)
+
+
+def _group_config() -> dict[str, dict[str, str]]:
+    """The dump's table of process groups (name -> name, description, global ranks), which NCCL's recorder fills
+    and the generic one (torch 2.13) leaves empty, though torchfrtrace needs it to match entries across ranks;
+    from torch's registry of this process's groups (private, hence guarded: {} without it)."""
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.distributed_c10d import _world
+
+        return {name: {"name": name, "desc": group.group_desc, "ranks": str(dist.get_process_group_ranks(group))}
+                for group, name in _world.pg_names.items()}
+    except Exception:
+        return {}
+
+
+def waiting_in(entries: list[dict]) -> str | None:
+    """The oldest collective of a flight-recorder dump that has not completed (None when all have), as
+    'gloo:all_reduce #57 of group dp[0,2]' (the group's description, else its name)."""
+    pending = [e for e in entries if not e.get("retired", True)]
+    if not pending:
+        return None
+    e = min(pending, key=lambda e: e.get("time_created_ns", 0))
+    name, desc = (tuple(e.get("process_group", ())) + ("", ""))[:2]
+    seq = e.get("p2p_seq_id") if e.get("is_p2p") else e.get("collective_seq_id")
+    group = desc if desc and desc != "undefined" else name
+    return f"{e.get('profiling_name', '?')} #{seq} of group {group}"

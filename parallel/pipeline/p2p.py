@@ -172,10 +172,18 @@ def new_channel_groups(schedule: Schedule, pipelines: Sequence[Sequence[int]], r
             ranks = sorted({members[channel[0]], members[channel[1]]})
             if members_only and rank not in ranks:
                 continue
-            group = dist.new_group(ranks, **kwargs)
+            group = dist.new_group(ranks, group_desc=group_desc(f"p2p {channel[0]}->{channel[1]} ", ranks),
+                                   **kwargs)
             if rank in ranks:
                 mine[channel] = group
     return mine
+
+
+def group_desc(kind: str, ranks: Sequence[int]) -> str:
+    """What a process group is, as torch's flight recorder names it in every entry (a hang's trace then says
+    which group a rank waits in): its kind and its global ranks (the first two and the last of a large one)."""
+    shown = ranks if len(ranks) <= 8 else [*ranks[:2], "...", ranks[-1]]
+    return f"{kind}[{','.join(map(str, shown))}]" + (f" ({len(ranks)} ranks)" if len(ranks) > 8 else "")
 
 
 def warm_up(groups: Mapping[Channel, dist.ProcessGroup], pipeline: Sequence[int], device: torch.device) -> None:

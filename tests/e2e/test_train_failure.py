@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -120,8 +122,10 @@ def _log(run: Path) -> str:
 @pytest.mark.slow
 def test_a_stuck_rank_ends_the_job_with_every_threads_stack(tmp_path, straight):
     """trainer.hang_timeout_s: rank 1 is stopped (SIGSTOP: alive, making no progress) after the first checkpoint;
-    rank 0, waiting for it in a collective, finds no finished step for 6 s, writes its threads' stacks into the run
-    directory, names itself and the step, and ends the job non-zero instead of hanging."""
+    rank 0, waiting for it in a collective, finds no finished step for 6 s, writes its threads' stacks and the
+    flight recorder's record of its collectives (gloo's here, NCCL's on GPUs) into the run directory, names itself,
+    the step and the collective it waits in, and ends the job non-zero instead of hanging. torch's own analyser,
+    torchfrtrace, reads the dump and finds the stuck rank: the one whose record is missing."""
     cache, _ = straight
     tag, run = uuid.uuid4().hex, tmp_path / "stuck"
     job = launch(run, cache, tag, flags=("trainer.hang_timeout_s=6",))
@@ -138,3 +142,15 @@ def test_a_stuck_rank_ends_the_job_with_every_threads_stack(tmp_path, straight):
     stacks = (run / "hang.rank0.txt").read_text()
     assert "no progress for 6 s after step" in stacks and "most recent call first" in stacks
     assert "all_reduce" in stacks or "wait" in stacks or "reduce" in stacks, stacks[-2000:]
+    waiting = re.search(r"waiting in (gloo:\w+) #(\d+) of group (\w+\[0,1\])", out)
+    assert waiting, out[-3000:]
+    trace = pickle.loads((run / "nccl_trace" / "hang_rank_0").read_bytes())
+    pending = [e for e in trace["entries"] if not e["retired"]]
+    first = min(pending, key=lambda e: e["time_created_ns"])
+    assert (first["profiling_name"], str(first["collective_seq_id"] or first["p2p_seq_id"])) == waiting.groups()[:2]
+    group = trace["pg_config"][first["process_group"][0]]
+    assert group["desc"] == waiting.group(3) and group["ranks"] == "[0, 1]"
+    analyser = [sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace", str(run / "nccl_trace")]
+    report = subprocess.run([*analyser, "--prefix", "hang_rank_", "--allow-incomplete-ranks"], capture_output=True,
+                            text=True, timeout=120)
+    assert report.returncode == 0 and "missed FR dumps from ranks ({1})" in report.stdout + report.stderr, report
