@@ -3,13 +3,13 @@ a deadlock, a stalled file system), which would otherwise hold the whole job unt
 forever (trainer.hang_timeout_s).
 
 A daemon thread watches the training loop's heartbeat (`beat`, once per step). When none comes for the timeout
-it writes every thread's Python stack (faulthandler) and torch's flight recorder's record of this rank's last
-collectives (NCCL's own recorder on GPUs, the one gloo writes to on CPUs) into the run directory
-(`hang.rank<r>.txt`, `nccl_trace/hang_rank_<r>`, which torch's `torchfrtrace` reads), prints one line naming
-the rank, the step, the collective it waits in (group and sequence number) and the files, and ends the process
-with exit code 3, so that torchrun ends (or, with --max-restarts, restarts) the job. Checkpoint saves have their
-own, longer timeout (parallel.checkpoint_timeout_s) and pause it (`paused`). `record_collectives` switches the
-recorder on before the process group exists, for launchers that did not.
+it writes every thread's Python stack (faulthandler) and torch's flight recorders' record of this rank's last
+collectives (NCCL's own recorder, and the one gloo writes to) into the run directory (`hang.rank<r>.txt`,
+`nccl_trace/hang_{gloo,nccl}_rank_<r>`, which torch's `torchfrtrace` reads), prints one line naming the rank, the
+step, the collective it waits in (group and sequence number) and the files, and ends the process with exit code 3,
+so that torchrun ends (or, with --max-restarts, restarts) the job. Checkpoint saves have their own, longer timeout
+(parallel.checkpoint_timeout_s) and pause it (`paused`). `record_collectives` switches the recorder on before the
+process group exists, for launchers that did not.
 """
 
 from __future__ import annotations
@@ -79,40 +79,49 @@ class Watchdog:
             f.write(f"rank {self.rank}: no progress for {self.timeout_s:.0f} s after step {self.step}\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
-        trace, waiting = _dump_flight_recorder(self.run_dir, self.rank)
+        traces, waiting = _dump_flight_recorder(self.run_dir, self.rank)
         print(f"error (rank {self.rank}): no progress for {self.timeout_s:.0f} s in step {self.step + 1} "
               f"(trainer.hang_timeout_s)" + (f", waiting in {waiting}" if waiting else "")
-              + f"; every thread's stack: {stacks}" + (f"; its last collectives: {trace}" if trace else "")
+              + f"; every thread's stack: {stacks}"
+              + (f"; its last collectives: {', '.join(map(str, traces))}" if traces else "")
               + "; ending the job", file=sys.stderr, flush=True)
         os._exit(EXIT_CODE)
 
 
-def _dump_flight_recorder(run_dir: Path, rank: int) -> tuple[Path | None, str | None]:
-    """(the file, the collective this rank waits in): torch's flight recorder, its last TORCH_FR_BUFFER_SIZE
-    collectives, written to `nccl_trace/hang_rank_<rank>` in the run directory (torchfrtrace's naming: a prefix and
-    the rank); (None, None) without a process group or with the recorder off. torch has no public call for an
-    on-demand dump, hence the private ones, guarded: NCCL keeps its own recorder (CUDA builds), every other backend
-    writes to the generic one."""
+def _dump_flight_recorder(run_dir: Path, rank: int) -> tuple[list[Path], str | None]:
+    """(the files, the collective this rank waits in): torch's flight recorders, each with the last
+    TORCH_FR_BUFFER_SIZE collectives, written to `nccl_trace/hang_<recorder>_rank_<rank>` in the run directory
+    (torchfrtrace's naming: a prefix and the rank). NCCL keeps its own recorder (CUDA builds); gloo, which carries
+    the host collectives next to NCCL on GPUs and everything on CPUs, writes to the generic one. None is written
+    without a process group or with the recorder off. torch has no public call for an on-demand dump, hence the
+    private ones, guarded."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return None, None
+        return [], None
     try:
         from torch._C import _distributed_c10d as c10d
-
-        nccl = dist.get_backend() == "nccl"
-        trace = pickle.loads((c10d._dump_nccl_trace if nccl else c10d._dump_fr_trace)())
-    except Exception:  # a torch without them: the stacks still tell where each thread waits
-        return None, None
-    entries = trace.get("entries", [])
-    if not entries:
-        return None, None
-    if not any(pg.get("ranks", "[]") != "[]" for pg in trace.get("pg_config", {}).values()):
-        trace["pg_config"] = _group_config()
-    path = run_dir / "nccl_trace" / f"hang_rank_{rank}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(trace))
-    return path, waiting_in(entries)
+    except ImportError:
+        return [], None
+    dumps = {"gloo": getattr(c10d, "_dump_fr_trace", None)}
+    if "nccl" in str(dist.get_backend()):  # "cuda:nccl,cpu:gloo" for the grid's default group
+        dumps["nccl"] = getattr(c10d, "_dump_nccl_trace", None)
+    paths, entries = [], []
+    for recorder, dump in dumps.items():
+        try:
+            trace = pickle.loads(dump())
+        except Exception:  # a torch without it: the stacks still tell where each thread waits
+            continue
+        if not trace.get("entries"):
+            continue
+        if not any(pg.get("ranks", "[]") != "[]" for pg in trace.get("pg_config", {}).values()):
+            trace["pg_config"] = _group_config()
+        path = run_dir / "nccl_trace" / f"hang_{recorder}_rank_{rank}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(trace))
+        paths.append(path)
+        entries += trace["entries"]
+    return paths, waiting_in(entries)
 
 
 def _group_config() -> dict[str, dict[str, str]]:

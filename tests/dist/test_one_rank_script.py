@@ -18,3 +18,4 @@ def test_one_rank_script_runs_on_gloo(tmp_path):
     checked = json.loads(result.stdout.strip().splitlines()[-1])
     assert len([k for k in checked if k.startswith("dispatcher")]) == 4
     assert "rank_00000.safetensors" in checked["checkpoint"] and checked["zero_grad_norm"] > 0
+    assert checked["flight_recorder"]["hang_gloo_rank_0"] > 0

@@ -144,13 +144,13 @@ def test_a_stuck_rank_ends_the_job_with_every_threads_stack(tmp_path, straight):
     assert "all_reduce" in stacks or "wait" in stacks or "reduce" in stacks, stacks[-2000:]
     waiting = re.search(r"waiting in (gloo:\w+) #(\d+) of group (\w+\[0,1\])", out)
     assert waiting, out[-3000:]
-    trace = pickle.loads((run / "nccl_trace" / "hang_rank_0").read_bytes())
+    trace = pickle.loads((run / "nccl_trace" / "hang_gloo_rank_0").read_bytes())
     pending = [e for e in trace["entries"] if not e["retired"]]
     first = min(pending, key=lambda e: e["time_created_ns"])
     assert (first["profiling_name"], str(first["collective_seq_id"] or first["p2p_seq_id"])) == waiting.groups()[:2]
     group = trace["pg_config"][first["process_group"][0]]
     assert group["desc"] == waiting.group(3) and group["ranks"] == "[0, 1]"
     analyser = [sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace", str(run / "nccl_trace")]
-    report = subprocess.run([*analyser, "--prefix", "hang_rank_", "--allow-incomplete-ranks"], capture_output=True,
-                            text=True, timeout=120)
+    report = subprocess.run([*analyser, "--prefix", "hang_gloo_rank_", "--allow-incomplete-ranks"],
+                            capture_output=True, text=True, timeout=120)
     assert report.returncode == 0 and "missed FR dumps from ranks ({1})" in report.stdout + report.stderr, report

@@ -2,7 +2,8 @@
 it makes a world-size-1 process group itself, with the grid's two backends (`cuda:nccl,cpu:gloo`), and runs on it
 what the trainer runs across ranks: the expert dispatcher (flat and hierarchical, with and without the FP8
 payload, forward and backward) against the local experts, ZeRO-1 with its collectives forced, the metric
-collectives, the bias balancer and a checkpoint save. Every collective meets the tensors the code really gives it,
+collectives, the bias balancer, a checkpoint save and the hang watchdog's flight-recorder dump (NCCL's recorder and
+gloo's). Every collective meets the tensors the code really gives it,
 so a host tensor handed to NCCL, or a device tensor to gloo, fails here. Prints a JSON line of what it checked.
 
     python tests/gpu/nccl_one_rank.py OUT_DIR [cuda|cpu]   # cuda: tests/gpu/test_nccl.py; cpu (gloo alone):
@@ -36,6 +37,7 @@ def main(out_dir: Path, device: str = "cuda") -> dict:
     from tests.conftest import small_config
     from trainer.balance import BiasBalancer
     from trainer.checkpoint import Shard, save_checkpoint
+    from trainer.watchdog import _dump_flight_recorder, record_collectives
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,6 +46,7 @@ def main(out_dir: Path, device: str = "cuda") -> dict:
                       LOCAL_WORLD_SIZE="1")
     if device == "cuda":
         torch.cuda.set_device(0)
+    record_collectives()  # as the trainer does, so that the hang watchdog's dump below has entries
     dist.init_process_group(BACKENDS[device], rank=0, world_size=1)
     grid = ProcessGrid.build(ParallelConfig(gpus_per_node=1), device)
     dev, checked = grid.device, {}
@@ -109,6 +112,19 @@ def main(out_dir: Path, device: str = "cuda") -> dict:
     save_checkpoint(out_dir, 1, {"model": {n: Shard.whole(p.detach()) for n, p in model.named_parameters()}},
                     {"step": 1}, keep=1)
     checked["checkpoint"] = sorted(p.name for p in (out_dir / "checkpoints" / "step_00000001").iterdir())
+
+    # the hang watchdog's flight-recorder dump: NCCL's own recorder on GPUs, gloo's generic one for host collectives
+    import pickle
+
+    paths, waiting = _dump_flight_recorder(out_dir, 0)
+    recorders = {p.name: pickle.loads(p.read_bytes()) for p in paths}
+    want = {"hang_gloo_rank_0", "hang_nccl_rank_0"} if device == "cuda" else {"hang_gloo_rank_0"}
+    assert set(recorders) == want and waiting is None, (sorted(recorders), waiting)  # every collective completed
+    for name, trace in recorders.items():
+        kind = name.split("_")[1]
+        assert any(e["profiling_name"].startswith(kind + ":") for e in trace["entries"]), name
+        assert any(g["ranks"] == "[0]" for g in trace["pg_config"].values()), trace["pg_config"]
+    checked["flight_recorder"] = {n: len(t["entries"]) for n, t in recorders.items()}
     dist.barrier()
     dist.destroy_process_group()
     return checked
