@@ -339,19 +339,21 @@ def _header(file: Path) -> tuple[int, dict[str, dict]]:
         raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
 
 
-def _index(path: Path) -> dict[str, str]:
-    """HF tensor name -> the file holding it, from the index file or the files' headers (nothing else read)."""
+def _index(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, dict[str, dict]]]]:
+    """(HF tensor name -> the file holding it, the headers read to know it): from the index file (no header
+    read), else from the files' headers (nothing else read)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{index}: not a readable safetensors index ({err})") from err
-        return dict(weight_map)
+        return dict(weight_map), {}
     files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files (nor model.safetensors.index.json)")
-    return {key: name for name in files for key in _header(path / name)[1]}
+    headers = {name: _header(path / name) for name in files}
+    return {key: name for name in files for key in headers[name][1]}, headers
 
 
 class HFReader:
@@ -360,16 +362,25 @@ class HFReader:
     fp32. Construction reads config.json and the safetensors headers and checks every tensor's presence and
     shape (and each FP8 weight's scales) against the config; nothing else is read until asked."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, metadata: dict | None = None) -> None:
+        """`metadata`: another reader's `metadata()` of the same directory, so that nothing is read now (at 2048
+        ranks x 163 shards, one rank reads the headers and broadcasts them instead of every rank reading them)."""
         self.path = Path(path)
-        config_file = self.path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
-        hf = json.loads(config_file.read_text())
+        if metadata is None:
+            config_file = self.path / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
+            hf = json.loads(config_file.read_text())
+        else:
+            hf = metadata["config"]
         self.cfg = config_from_hf(hf, self.path)
         self.fp8 = _check_fp8_config(hf, self.path)
-        self._where = _index(self.path)
-        self._headers: dict[str, tuple[int, dict[str, dict]]] = {}
+        self._config = hf
+        if metadata is None:
+            self._where, self._headers = _index(self.path)
+        else:
+            self._where = dict(metadata["where"])
+            self._headers = {name: (start, entries) for name, (start, entries) in metadata["headers"].items()}
         cfg = self.cfg
         mtp_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(cfg.n_mtp_depth))
         if cfg.n_mtp_depth and not any(n.startswith(mtp_prefixes) for n in self._where):
@@ -381,6 +392,15 @@ class HFReader:
         self._hf = {n: hf_list for n, hf_list in hf_names(model).items()}
         self._shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
         self._check()
+
+    def metadata(self) -> dict:
+        """Everything construction reads (config.json, which file holds which tensor, every file's header), as
+        JSON-serialisable data for `HFReader(path, metadata)` elsewhere."""
+        for name in sorted(set(self._where.values())):
+            if name not in self._headers:
+                self._headers[name] = _header(self.path / name)
+        return {"config": self._config, "where": self._where,
+                "headers": {name: list(header) for name, header in self._headers.items()}}
 
     # -- checks
     def _entry(self, hf_name: str) -> tuple[Path, int, dict]:

@@ -77,11 +77,17 @@ def check_init_compatible(source: str, saved: dict[str, tuple[int, ...]], wanted
 def _reader(spec: str, kind: str, path: Path, grid: ProcessGrid):
     if kind == "checkpoint":
         return open_checkpoint(path, grid.checkpoint_group)
-    try:  # every rank reads config.json and the safetensors headers (no tensor yet)
-        return HFReader(path)
-    except (ConfigError, KeyError, ValueError, OSError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise CheckpointError(f"trainer.init_from={spec}: {message}") from err
+
+    def metadata() -> dict:
+        try:  # config.json and every safetensors header (no tensor yet), checked against the config
+            return HFReader(path).metadata()
+        except (ConfigError, KeyError, ValueError, OSError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise CheckpointError(f"trainer.init_from={spec}: {message}") from err
+
+    # rank 0 reads the metadata and broadcasts it: every rank reading every header of a 163-shard release would be
+    # a metadata storm on a shared file system at 2048 ranks
+    return HFReader(path, agree_on_rank0(metadata, grid.checkpoint_group))
 
 
 def load_init(spec: str, init_missing: str | None, model: nn.Module, shards: Shards, grid: ProcessGrid) -> str:
