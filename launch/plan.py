@@ -12,7 +12,10 @@ assumption printed. The cost model is launch/cost.py.
 
 The job shape is the paper's pre-training (4.2) unless flags change it: 4096-token sequences (or the model's
 max_seq_len if shorter), 15360 per step (or parallel.microbatches x micro-batch x DP when that is set), micro-batches
-of one; the config's trainer group describes local runs and is not read. The plan prices the FP8 recipe (3.3) when
+of one; the config's trainer group describes local runs and is not read, unless an experiment is named
+(`experiment=deepseek_v3_ext32k`): then its data.seq_len, trainer.global_batch_size and trainer.micro_batch_size are
+the job (the flags still override them), so that each stage of a campaign is priced as it will run. The plan prices
+the FP8 recipe (3.3) when
 fp8.recipe is on or `--fp8` is given. A config, cluster or layout that does not work exits with code 2 and a
 one-line message.
 """
@@ -183,12 +186,15 @@ class Plan:
 
 def build_plan(model: ModelConfig, parallel: ParallelConfig, cluster: Cluster, fp8: bool = False,
                seq_len: int | None = None, micro_batch: int = 1, global_batch: int | None = None,
-               moment_bytes: int = cost.BF16, compute_bytes: int = cost.BF16) -> Plan:
+               moment_bytes: int = cost.BF16, compute_bytes: int = cost.BF16,
+               batch_names: tuple[str, str] = ("--global-batch", "--micro-batch"),
+               shape_from: str | None = None) -> Plan:
     """Validate the layout on the cluster (ConfigError / ScheduleError naming the field and the fix) and price it.
     `global_batch` None: parallel.microbatches x micro-batch x DP when parallel.microbatches is set, else the
     paper's PAPER_BATCH. `moment_bytes`, `compute_bytes`: bytes of an AdamW moment and of a compute weight (the
-    paper's bf16 unless a run's config says otherwise, as in the dry run)."""
-    notes = []
+    paper's bf16 unless a run's config says otherwise, as in the dry run). `batch_names`: the settings the global
+    and micro-batch came from, as errors name them; `shape_from`: where the job shape came from, for the notes."""
+    notes = [f"job shape from {shape_from}"] if shape_from else []
     if parallel.gpus_per_node != cluster.gpus_per_node:
         notes.append(f"parallel.gpus_per_node={parallel.gpus_per_node} replaced by the cluster's "
                      f"{cluster.gpus_per_node}")
@@ -203,13 +209,13 @@ def build_plan(model: ModelConfig, parallel: ParallelConfig, cluster: Cluster, f
         global_batch = parallel.microbatches * micro_batch * dp if parallel.microbatches else PAPER_BATCH
     if micro_batch < 1 or global_batch < 1:
         raise ConfigError(f"--micro-batch {micro_batch} and --global-batch {global_batch} must be >= 1")
-    microbatches = microbatches_per_step(parallel, global_batch, micro_batch, dp, ("--global-batch", "--micro-batch"))
+    microbatches = microbatches_per_step(parallel, global_batch, micro_batch, dp, batch_names)
     try:
         parallel.pipeline_schedule().check_microbatches(microbatches)
     except ScheduleError as err:
         if parallel.microbatches is None:
-            raise ScheduleError(f"{err} (derived: --global-batch {global_batch} / (--micro-batch {micro_batch} x "
-                                f"DP {dp}); change them or set parallel.microbatches)") from None
+            raise ScheduleError(f"{err} (derived: {batch_names[0]} {global_batch} / ({batch_names[1]} {micro_batch} "
+                                f"x DP {dp}); change them or set parallel.microbatches)") from None
         raise
     stage_layers = tuple(parallel.stage_layers) if parallel.stage_layers is not None else None
     layout = Layout(parallel.schedule, parallel.pp, dp, parallel.ep, microbatches, micro_batch * seq_len, fp8,
@@ -355,11 +361,13 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(Cluster):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=float, help=f.metadata["doc"])
     p.add_argument("--fp8", action="store_true", help="price the paper's FP8 recipe (3.3) whatever fp8.recipe says")
-    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {PAPER_SEQ_LEN}, or model.max_seq_len)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {PAPER_SEQ_LEN}, or model.max_seq_len; "
+                                               "a named experiment's data.seq_len)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per micro-batch (default 1; a named experiment's trainer.micro_batch_size)")
     p.add_argument("--global-batch", type=int, default=None,
                    help=f"sequences per step (default: parallel.microbatches x micro-batch x DP when that is set, "
-                        f"else {PAPER_BATCH}, paper 4.2)")
+                        f"else {PAPER_BATCH}, paper 4.2; a named experiment's trainer.global_batch_size)")
     p.add_argument("--json", nargs="?", const="-", default=None,
                    help="also write the numbers as JSON to this file (no file: to standard output); with "
                         "--dry-run one JSON object per line per rank")
@@ -391,8 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             fp8 = from_dict(FP8Config, OmegaConf.to_container(cfg.fp8, resolve=True), "fp8").validate()
             parallel = from_dict(ParallelConfig, OmegaConf.to_container(cfg.parallel, resolve=True), "parallel")
             cluster = load_cluster(args.cluster, flags)
-            plan = build_plan(model, parallel, cluster, args.fp8 or fp8.recipe != "off", args.seq_len,
-                              args.micro_batch, args.global_batch)
+            plan = build_plan(model, parallel, cluster, args.fp8 or fp8.recipe != "off", **job_shape(args, cfg))
     except (ConfigError, ScheduleError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
@@ -408,6 +415,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         Path(args.json).write_text(json.dumps(plan_json(plan), indent=1))
     return 0
+
+
+def job_shape(args: argparse.Namespace, cfg) -> dict:
+    """build_plan's job-shape arguments: the flags, else, when the command line names an experiment, that
+    experiment's data.seq_len, trainer.global_batch_size and trainer.micro_batch_size (a campaign's stage priced as
+    it runs), else the paper's pre-training (None: build_plan's default)."""
+    named = [o.split("=", 1)[1] for o in args.overrides if o.split("=", 1)[0].lstrip("+~") == "experiment"]
+    if not named:
+        return {"seq_len": args.seq_len, "micro_batch": 1 if args.micro_batch is None else args.micro_batch,
+                "global_batch": args.global_batch}
+    shape = {"seq_len": cfg.data.seq_len if args.seq_len is None else args.seq_len,
+             "shape_from": f"experiment={named[-1]} (its data.seq_len, trainer.global_batch_size and "
+                           "trainer.micro_batch_size; the flags override them)"}
+    names = []
+    for key, flag, setting in (("global_batch", "--global-batch", "trainer.global_batch_size"),
+                               ("micro_batch", "--micro-batch", "trainer.micro_batch_size")):
+        given = getattr(args, key)
+        shape[key] = getattr(cfg.trainer, setting.split(".")[1]) if given is None else given
+        names.append(setting if given is None else flag)
+    return {**shape, "batch_names": tuple(names)}
 
 
 def _dry_run(args: argparse.Namespace) -> int:
@@ -427,8 +454,8 @@ def _dry_run(args: argparse.Namespace) -> int:
     ranks = dryrun.parse_ranks(args.rank, world)
     if cluster.gpus != world:
         cluster = replace(cluster, gpus=world).validate()
-    plan = build_plan(cfg.model, cfg.parallel, cluster, cfg.fp8.enabled, args.seq_len, args.micro_batch,
-                      args.global_batch, moment_bytes=torch_dtype(cfg.optim.moment_dtype).itemsize,
+    plan = build_plan(cfg.model, cfg.parallel, cluster, cfg.fp8.enabled, **job_shape(args, cfg),
+                      moment_bytes=torch_dtype(cfg.optim.moment_dtype).itemsize,
                       compute_bytes=torch_dtype(cfg.trainer.dtype).itemsize)
     out = open(args.json, "w") if args.json not in (None, "-") else sys.stdout  # noqa: SIM115 (closed below)
     reports, overflows = [], []

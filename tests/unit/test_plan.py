@@ -119,6 +119,29 @@ def test_cli_prints_the_plan_and_writes_json(tmp_path, capsys):
     assert data["gpu_hours_per_trillion_tokens"] > 0
 
 
+def test_a_named_experiment_is_priced_with_its_own_job_shape(tmp_path, capsys):
+    """`hai-plan experiment=X` prices X's job: its data.seq_len, trainer.global_batch_size and micro_batch_size (the
+    paper's long-context stage 1: 1920 x 32K); flags override them; without an experiment on the command line the
+    paper's pre-training shape stays; a shape the layout cannot run names the setting it came from."""
+    layout = ["parallel.pp=16", "parallel.ep=64", "parallel.schedule=1f1b", "--cluster", "h800_2048", "--fp8"]
+    path = tmp_path / "plan.json"
+
+    def plan(*argv: str) -> dict:
+        assert main([*argv, *layout, "--json", str(path)]) == 0
+        return json.loads(path.read_text())
+
+    data = plan("experiment=deepseek_v3_ext32k")
+    assert (data["seq_len"], data["tokens_per_step"], data["layout"]["microbatches"]) == (32768, 1920 * 32768, 15)
+    assert any("experiment=deepseek_v3_ext32k" in note for note in data["notes"])
+    data = plan("experiment=deepseek_v3_ext32k", "--seq-len", "16384", "--global-batch", "3840")
+    assert (data["seq_len"], data["tokens_per_step"]) == (16384, 3840 * 16384)
+    data = plan("model=deepseek_v3_671b")
+    assert (data["seq_len"], data["tokens_per_step"]) == (4096, 15360 * 4096) and not data["notes"]
+    capsys.readouterr()
+    assert main(["experiment=deepseek_v3_ext128k", *layout]) == 2
+    assert "trainer.global_batch_size=480 is not a multiple of trainer.micro_batch_size=1" in capsys.readouterr().err
+
+
 def _missing_field_file(tmp_path):
     text = DEFAULT_CLUSTER.read_text().replace("ib_gbps: 50", "")
     path = tmp_path / "no_ib.yaml"
