@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 EXIT_CODE = 3
+DUMP_TIMEOUT_S = 60.0
 RECORDED = "2000"  # collectives the flight recorder keeps, as launch/launch.py's flight_recorder_env
 # torch 2.13 reads the new name first, the old one after it
 BUFFER_NAMES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
@@ -79,7 +80,16 @@ class Watchdog:
             f.write(f"rank {self.rank}: no progress for {self.timeout_s:.0f} s after step {self.step}\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
-        traces, waiting = _dump_flight_recorder(self.run_dir, self.rank)
+        # the dump may need locks the stuck collective holds: it gets DUMP_TIMEOUT_S, then the job ends without it
+        found: list = [[], None]
+
+        def dump() -> None:
+            found[:] = _dump_flight_recorder(self.run_dir, self.rank)
+
+        dumper = threading.Thread(target=dump, name="hai-watchdog-dump", daemon=True)
+        dumper.start()
+        dumper.join(DUMP_TIMEOUT_S)
+        traces, waiting = found
         print(f"error (rank {self.rank}): no progress for {self.timeout_s:.0f} s in step {self.step + 1} "
               f"(trainer.hang_timeout_s)" + (f", waiting in {waiting}" if waiting else "")
               + f"; every thread's stack: {stacks}"

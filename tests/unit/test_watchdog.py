@@ -38,3 +38,25 @@ def test_the_collective_waited_in_is_the_oldest_not_completed():
 def test_groups_are_described_by_kind_and_ranks():
     assert group_desc("dp", [0, 2]) == "dp[0,2]"
     assert group_desc("ep", list(range(0, 128, 2))) == "ep[0,2,...,126] (64 ranks)"
+
+
+def test_a_dump_that_blocks_does_not_keep_the_job_alive(tmp_path, monkeypatch, capsys):
+    """The recorder's dump may wait on what the stuck collective holds: the watchdog gives it DUMP_TIMEOUT_S, then
+    names the rank and ends the process without it (here the dump would finish only after 30 s, naming a file)."""
+    import os
+    import threading
+
+    import trainer.watchdog as watchdog
+
+    release, exits = threading.Event(), []
+    monkeypatch.setattr(watchdog, "DUMP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(watchdog, "_dump_flight_recorder",
+                        lambda run_dir, rank: (release.wait(30), ([tmp_path / "late"], "gloo:send #1"))[1])
+    monkeypatch.setattr(os, "_exit", exits.append)
+    try:
+        watchdog.Watchdog(0, tmp_path, rank=3, step=7)._fire()
+    finally:
+        release.set()
+    err = capsys.readouterr().err
+    assert exits == [watchdog.EXIT_CODE] and "error (rank 3): no progress" in err and "in step 8" in err
+    assert "late" not in err and "waiting in" not in err and (tmp_path / "hang.rank3.txt").is_file()
