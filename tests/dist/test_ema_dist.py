@@ -19,8 +19,8 @@ EP2 = ["parallel.ep=2", "parallel.gpus_per_node=2"]
 
 
 def _exported(run: Path, out: Path, ema: bool) -> dict[str, torch.Tensor]:
-    from trainer.hf import load_hf
     from trainer.export import export
+    from trainer.hf import load_hf
 
     export(run, out, ema=ema)
     return load_hf(out).state_dict()

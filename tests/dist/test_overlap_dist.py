@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests.conftest import small_config
 from tests.dist.conftest import run_distributed

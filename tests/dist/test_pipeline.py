@@ -41,8 +41,14 @@ def _pipeline_worker(rank: int, world: int, schedule: str) -> None:
     from parallel.pipeline.executor import PipelineExecutor, StageRunner
     from parallel.pipeline.p2p import new_channel_groups
     from parallel.pipeline.schedule import build_schedule, make_schedule
-    from parallel.pipeline.stage import MicroBatch, holders, keep_stages, rank_stages, stage_forward, \
-        sync_replicated_grads
+    from parallel.pipeline.stage import (
+        MicroBatch,
+        holders,
+        keep_stages,
+        rank_stages,
+        stage_forward,
+        sync_replicated_grads,
+    )
 
     pp, n_micro, mtp_lambda = world, 2 * world, 0.3
     plan = make_schedule(schedule, pp)
@@ -116,12 +122,18 @@ def _bf16_mirror_worker(rank: int, world: int) -> None:
     """DualPipe in bf16 with fp32 main gradients and deferred W: after the mirror sums both copies of every stage
     hold the same fp32 gradient (the sums must read `main_grad`, where bf16 parameters keep theirs)."""
     from model import Transformer
+    from model.grads import attach_main_grads
     from parallel.pipeline.executor import PipelineExecutor, StageRunner
     from parallel.pipeline.p2p import new_channel_groups
     from parallel.pipeline.schedule import make_schedule
-    from parallel.pipeline.stage import MicroBatch, holders, keep_stages, rank_stages, stage_forward, \
-        sync_replicated_grads
-    from model.grads import attach_main_grads
+    from parallel.pipeline.stage import (
+        MicroBatch,
+        holders,
+        keep_stages,
+        rank_stages,
+        stage_forward,
+        sync_replicated_grads,
+    )
 
     pp, n_micro = world, 2 * world
     cfg = small_config(n_layers=3, first_k_dense=1)

@@ -1,8 +1,8 @@
 """The training loop with a pipeline (paper 3.2.1) equals the single-process run on the same global batch
 (DESIGN.md principle 6): each schedule at PP=2, DualPipe with EP=2 inside DP=2, PP=4 DualPipeV, and PP=4 x DP=2
-DualPipe with EP=2 (8 processes); one layout runs on the simulated fabric. fp32, 4 steps: training and validation losses within 1e-6 relative, weights
-within fp32 tolerance (compared through the checkpoint, which every rank writes and whose index is layout-free);
-then a checkpoint of a pipeline run resumes in one process."""
+DualPipe with EP=2 (8 processes); one layout runs on the simulated fabric. fp32, 4 steps: training and validation
+losses within 1e-6 relative, weights within fp32 tolerance (compared through the checkpoint, which every rank writes
+and whose index is layout-free); then a checkpoint of a pipeline run resumes in one process."""
 
 from __future__ import annotations
 

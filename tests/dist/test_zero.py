@@ -24,13 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.expert import is_expert_param
-from parallel.zero import ZeroOptimizer
-from tests.dist.conftest import run_distributed
 from model.grads import attach_main_grads, grad_of
 from optim.adamw import AdamW
 from optim.config import OptimConfig
 from optim.optimizer import clip_grad_norm_
+from parallel.expert import is_expert_param
+from parallel.zero import ZeroOptimizer
+from tests.dist.conftest import run_distributed
 
 N_EXPERTS, D_IN, D_HID = 4, 6, 12
 EXPERT = "ffn.experts.w"

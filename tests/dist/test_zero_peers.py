@@ -36,9 +36,9 @@ is a vectorised kernel (fused multiply-adds, beta^t kept as a running fp32 produ
 ours by about one ulp of the weights (measured up to 6e-8 over the four steps), and it costs a C++ compile of about
 2.5 minutes on a fresh machine, so bench/zero_peers.py, not the test suite, runs DeepSpeed with it. With torch's
 AdamW inside, DeepSpeed's ZeRO-1 is bitwise equal to ours until the first clipped step (asserted, as for torch);
-PARAM_ATOL, absolute (about eight times FusedAdam's ulp), bounds every step. Each misalignment above, tried on this setup in one process, moves
-some parameter by 1e-3 or more within the four steps: decayed biases 1.4e-3, eps added before the bias correction
-7e-3, eps inside the square root or no bias correction 3e-2, no clip 1.8e-2.
+PARAM_ATOL, absolute (about eight times FusedAdam's ulp), bounds every step. Each misalignment above, tried on
+this setup in one process, moves some parameter by 1e-3 or more within the four steps: decayed biases 1.4e-3, eps
+added before the bias correction 7e-3, eps inside the square root or no bias correction 3e-2, no clip 1.8e-2.
 
 DeepSpeed compiles one C++ op with the system compiler on first use (its CPU shared-memory communication op, which
 `deepspeed.init_distributed` loads; about a minute); a subprocess builds it before the spawn, cached in torch's
@@ -162,7 +162,8 @@ def _worker(rank: int, world: int, with_deepspeed: bool) -> None:
 
         deepspeed.init_distributed(dist_backend="gloo")  # wraps the group run_distributed initialised
         ds_model = copy.deepcopy(base)
-        engine, ds_opt, _, _ = deepspeed.initialize(model=ds_model, model_parameters=param_groups(ds_model.parameters(), cfg),
+        engine, ds_opt, _, _ = deepspeed.initialize(model=ds_model,
+                                                    model_parameters=param_groups(ds_model.parameters(), cfg),
                                                     config=_deepspeed_config())
         assert isinstance(ds_opt, DeepSpeedZeroOptimizer), type(ds_opt)
         assert engine.zero_optimization_stage() == 1
